@@ -1,0 +1,142 @@
+"""Batches with replayable augmentation, from a split held on the training device or streamed to it.
+
+Each Batch carries its dataset indices and augmentation parameters (crop offsets, flips), so an exact
+teacher-output cache can key on them. Both loaders draw the order and the parameters from one seeded CPU
+generator per epoch, so they produce identical batches, and a resumed run sees the same data it would have.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import torch
+from torch.utils.data import DataLoader
+
+from kdbench.data.datasets import Split
+
+
+@dataclass
+class Batch:
+    inputs: torch.Tensor  # normalised, augmented (N, C, H, W) float
+    targets: torch.Tensor  # (N,) int64
+    indices: torch.Tensor  # (N,) dataset indices
+    crop_offsets: torch.Tensor  # (N, 2) (dy, dx) into the padded image; all `padding` when not cropping
+    flips: torch.Tensor  # (N,) bool
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+
+@dataclass(frozen=True)
+class Augment:
+    """RandomCrop(size, padding, zero fill) + RandomHorizontalFlip(0.5), as torchvision applies them before Normalize."""
+
+    crop_padding: int = 0
+    hflip: bool = False
+
+    @property
+    def active(self) -> bool:
+        return self.crop_padding > 0 or self.hflip
+
+    def sample(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        offsets = torch.randint(0, 2 * self.crop_padding + 1, (n, 2), generator=generator)
+        flips = torch.rand(n, generator=generator) < 0.5 if self.hflip else torch.zeros(n, dtype=torch.bool)
+        return offsets, flips
+
+    def apply(self, images: torch.Tensor, offsets: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
+        """Crop/flip a batch of raw images (N, C, H, W) on whatever device they are on."""
+        if self.crop_padding > 0:
+            n, _, h, w = images.shape
+            p = self.crop_padding
+            padded = torch.nn.functional.pad(images, (p, p, p, p))
+            rows = offsets[:, :1] + torch.arange(h, device=images.device)  # (N, H)
+            cols = offsets[:, 1:] + torch.arange(w, device=images.device)  # (N, W)
+            batch = torch.arange(n, device=images.device)[:, None, None]
+            images = padded[batch, :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
+        if self.hflip:
+            images = torch.where(flips[:, None, None, None], images.flip(3), images)
+        return images
+
+
+class _Loader:
+    def __init__(self, split: Split, batch_size: int, mean: Sequence[float], std: Sequence[float],
+                 device: torch.device, augment: Augment = Augment(), shuffle: bool = False):
+        self.num_samples = len(split)
+        self.batch_size = batch_size
+        self.device = torch.device(device)
+        self.augment = augment
+        self.shuffle = shuffle
+        self.scale = 255.0 if split.images.dtype == torch.uint8 else 1.0
+        self.mean = torch.tensor(mean, device=self.device).view(1, -1, 1, 1)
+        self.std = torch.tensor(std, device=self.device).view(1, -1, 1, 1)
+
+    def __len__(self) -> int:
+        return -(-self.num_samples // self.batch_size)
+
+    def _plan(self, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        generator = torch.Generator().manual_seed(seed)
+        order = torch.randperm(self.num_samples, generator=generator) if self.shuffle else torch.arange(self.num_samples)
+        if self.augment.active:
+            offsets, flips = self.augment.sample(self.num_samples, generator)
+        else:
+            offsets = torch.full((self.num_samples, 2), self.augment.crop_padding)
+            flips = torch.zeros(self.num_samples, dtype=torch.bool)
+        return order, offsets[order], flips[order]
+
+    def _finish(self, raw: torch.Tensor, targets, indices, offsets, flips) -> Batch:
+        offsets, flips = offsets.to(self.device), flips.to(self.device)
+        x = raw.to(self.device, non_blocking=True).float()
+        if self.scale != 1.0:
+            x = x / self.scale
+        if self.augment.active:
+            x = self.augment.apply(x, offsets, flips)
+        x = (x - self.mean) / self.std
+        return Batch(x, targets.to(self.device, non_blocking=True), indices.to(self.device), offsets, flips)
+
+
+class DeviceLoader(_Loader):
+    """The whole split as one tensor on the device; order, crop and flip are computed there."""
+
+    def __init__(self, split: Split, *args, **kwargs):
+        super().__init__(split, *args, **kwargs)
+        self.images = split.images.to(self.device)
+        self.labels = split.labels.to(self.device)
+
+    def epoch(self, seed: int = 0) -> Iterator[Batch]:
+        order, offsets, flips = self._plan(seed)
+        order_dev = order.to(self.device)
+        for start in range(0, self.num_samples, self.batch_size):
+            idx = order_dev[start:start + self.batch_size]
+            sl = slice(start, start + self.batch_size)
+            yield self._finish(self.images[idx], self.labels[idx], idx, offsets[sl], flips[sl])
+
+
+class _IndexedSplit(torch.utils.data.Dataset):
+    def __init__(self, split: Split):
+        self.split = split
+
+    def __len__(self):
+        return len(self.split)
+
+    def __getitem__(self, i):
+        return self.split.images[i], self.split.labels[i], i
+
+
+class StreamLoader(_Loader):
+    """The split stays in host memory; a DataLoader (workers, pinned memory) streams raw batches to the device,
+    where the same augmentation as DeviceLoader runs. For data that does not fit on the device."""
+
+    def __init__(self, split: Split, *args, num_workers: int = 0, **kwargs):
+        super().__init__(split, *args, **kwargs)
+        self.dataset = _IndexedSplit(split)
+        self.num_workers = num_workers
+
+    def epoch(self, seed: int = 0) -> Iterator[Batch]:
+        order, offsets, flips = self._plan(seed)
+        loader = DataLoader(self.dataset, batch_size=self.batch_size, sampler=order.tolist(),
+                            num_workers=self.num_workers, pin_memory=self.device.type == "cuda")
+        start = 0
+        for raw, targets, indices in loader:
+            sl = slice(start, start + len(targets))
+            start += len(targets)
+            yield self._finish(raw, targets, indices, offsets[sl], flips[sl])

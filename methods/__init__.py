@@ -1,0 +1,1 @@
+"""Distillation methods, one plugin file each (see kdbench.distill for the interface)."""
