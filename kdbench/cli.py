@@ -1,0 +1,78 @@
+"""`kdbench [overrides]` runs jobs from the Hydra config tree in conf/; `kdbench report DIR...` builds a leaderboard.
+
+The primary config is itself a multirun (the digits demo sweep), so every invocation writes a sweep dir and
+ends with its leaderboard. A failing job records status `failed` and the sweep goes on; the exit code is 1
+when any job failed.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+from kdbench.config import register_schemas
+from kdbench.errors import KDBenchError
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+log = logging.getLogger("kdbench")
+_sweep_failures: list[str] = []
+
+# One id per invocation (inherited by launcher workers through the environment), so two sweeps started in the
+# same second never share a directory.
+os.environ.setdefault("KDBENCH_UID", secrets.token_hex(3))
+if not OmegaConf.has_resolver("kdbench_uid"):
+    OmegaConf.register_new_resolver("kdbench_uid", lambda: os.environ["KDBENCH_UID"])
+register_schemas()
+
+
+class ReportCallback(Callback):
+    """Print and save the sweep's leaderboard when a multirun ends."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        from kdbench.report import build_report, load_records
+
+        sweep_dir = Path(config.hydra.sweep.dir)
+        print("\n" + build_report([sweep_dir], sweep_dir, title=f"kdbench leaderboard — {sweep_dir}"))
+        print(f"\n(records and leaderboard.md/.csv/.html in {sweep_dir})")
+        records = load_records([sweep_dir])
+        _sweep_failures.extend(records.loc[records["status"] != "completed", "path"])
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
+def _job(cfg: DictConfig):
+    from kdbench.train import run
+
+    hc = HydraConfig.get()
+    out_dir = Path(hc.runtime.output_dir)
+    try:
+        record = run(cfg, out_dir, tuple(hc.overrides.task))
+    except Exception as err:
+        if hc.mode != RunMode.MULTIRUN:
+            raise
+        detail = str(err) if isinstance(err, KDBenchError) else f"{type(err).__name__}: {err}"
+        log.error("job %s failed: %s (record kept in %s)", hc.job.num, detail, out_dir)
+        return None
+    return record["last_top1"]
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "report":
+        from kdbench.report import main as report_main
+
+        sys.exit(report_main(sys.argv[2:]))
+    _job()
+    if _sweep_failures:
+        print(f"kdbench: {len(_sweep_failures)} job(s) did not complete; see their metrics.json", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,194 @@
+"""Leaderboards from run records, diffed against published numbers.
+
+`kdbench-report DIR [DIR ...]` (or `kdbench report ...`) reads every metrics.json below the given dirs, groups
+completed runs by dataset/teacher/student/method/setting over seeds (mean, std, n of last- and best-epoch top-1),
+joins results/paper/*.csv on dataset/teacher/student/method, and compares like with like: last-epoch means with
+last-epoch tables, best-epoch with best-epoch, accuracy or error counts as the paper reports them.
+The tolerance per cell is max(2 * std of our seeds, a per-dataset floor) and is shown beside each cell.
+"""
+from __future__ import annotations
+
+import argparse
+import html
+import json
+import math
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+from kdbench.io import write_json
+from kdbench.record import RECORD_FILE
+
+PAPER_DIR = Path(__file__).resolve().parents[1] / "results" / "paper"
+KEYS = ["dataset", "teacher", "student", "method"]
+# Smallest tolerance (top-1 percentage points) per dataset, for when our seeds happen to agree closely:
+# roughly the run-to-run spread reported for each benchmark (CIFAR-100: +-0.5-1 point, RepDistiller#62).
+TOLERANCE_FLOOR = {"cifar100": 0.5, "cifar10": 0.3, "mnist": 0.1, "digits": 1.0, "synthetic": 2.0}
+DEFAULT_FLOOR = 0.5
+_GROUP_CHOICES = {"seed", "method", "dataset", "teacher", "student"}
+# Overrides that do not change results (where and how a job runs) never split a leaderboard row.
+_NON_SEMANTIC = ("hydra", "paths", "logger", "trainer.progress", "trainer.device", "trainer.resume",
+                 "trainer.num_workers", "trainer.data_on_device", "trainer.eval_batch_size")
+
+
+def find_records(paths) -> list[Path]:
+    found = []
+    for p in map(Path, paths):
+        found.extend([p] if p.is_file() else sorted(p.rglob(RECORD_FILE)))
+    return found
+
+
+def _setting(overrides) -> str:
+    """Overrides other than the grouping choices and the seed: runs with different settings are not averaged."""
+    def semantic(override: str) -> bool:
+        key = override.split("=", 1)[0].lstrip("+~")
+        return key not in _GROUP_CHOICES and not key.startswith(_NON_SEMANTIC) and not override.startswith("(")
+
+    keep = [o for o in overrides or [] if semantic(o)]
+    return " ".join(sorted(keep))
+
+
+def load_records(paths) -> pd.DataFrame:
+    rows = []
+    for path in find_records(paths):
+        try:
+            rec = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            print(f"kdbench-report: skipping unreadable {path}: {err}", file=sys.stderr)
+            continue
+        rows.append({**{k: rec.get(k) or "" for k in KEYS}, "setting": _setting(rec.get("overrides")),
+                     "seed": rec.get("seed"), "status": rec.get("status"), "last_top1": rec.get("last_top1"),
+                     "best_top1": rec.get("best_top1"), "n_test": rec.get("n_test"), "error": rec.get("error"),
+                     "epochs_done": rec.get("epochs_done"), "path": str(path.parent)})
+    return pd.DataFrame(rows, columns=[*KEYS, "setting", "seed", "status", "last_top1", "best_top1", "n_test",
+                                       "error", "epochs_done", "path"])
+
+
+def load_paper(paper_dir: Path = PAPER_DIR) -> pd.DataFrame:
+    frames = [pd.read_csv(p, dtype=str, keep_default_na=False) for p in sorted(Path(paper_dir).glob("*.csv"))]
+    if not frames:
+        return pd.DataFrame(columns=[*KEYS, "paper", "table", "metric", "value", "protocol", "runs", "source"])
+    paper = pd.concat(frames, ignore_index=True)
+    paper["value"] = pd.to_numeric(paper["value"], errors="coerce")
+    return paper.dropna(subset=["value"])
+
+
+def leaderboard(records: pd.DataFrame, paper: pd.DataFrame | None = None) -> pd.DataFrame:
+    done = records[records["status"] == "completed"]
+    if done.empty:
+        return pd.DataFrame()
+    board = (done.groupby([*KEYS, "setting"], dropna=False)
+             .agg(n=("seed", "count"), last_mean=("last_top1", "mean"), last_std=("last_top1", "std"),
+                  best_mean=("best_top1", "mean"), best_std=("best_top1", "std"), n_test=("n_test", "max"))
+             .reset_index())
+    board[["last_std", "best_std"]] = board[["last_std", "best_std"]].fillna(0.0)
+    if paper is None or paper.empty:
+        return board
+    board = board.merge(paper[[*KEYS, "paper", "table", "metric", "value", "protocol", "runs", "source"]],
+                        on=KEYS, how="left")
+    return board.apply(_diff, axis=1)
+
+
+def _diff(row: pd.Series) -> pd.Series:
+    """Our number in the paper's protocol and metric, the difference, and the tolerance it is judged by."""
+    if pd.isna(row.get("value")):
+        return row
+    best = str(row["protocol"]).startswith("best")
+    mean, std = (row["best_mean"], row["best_std"]) if best else (row["last_mean"], row["last_std"])
+    tol = max(2 * std, TOLERANCE_FLOOR.get(row["dataset"], DEFAULT_FLOOR))
+    if row["metric"] == "test_errors":  # error counts out of the test set
+        scale = row["n_test"] / 100.0
+        ours, tol = (100.0 - mean) * scale, tol * scale
+    else:
+        ours = mean
+    row["ours"], row["delta"], row["tol"] = ours, ours - row["value"], tol
+    row["within"] = abs(row["delta"]) <= tol
+    return row
+
+
+def _pm(mean, std) -> str:
+    return f"{mean:.2f} ± {std:.2f}"
+
+
+def _fmt(x, digits=2) -> str:
+    return "" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:+.{digits}f}" if digits < 0 else f"{x:.{digits}f}"
+
+
+def display_table(board: pd.DataFrame) -> pd.DataFrame:
+    """The human-readable leaderboard: one row per group (and per paper cell it is compared with)."""
+    out = pd.DataFrame({
+        "dataset": board["dataset"], "teacher": board["teacher"], "student": board["student"],
+        "method": board["method"], "setting": board["setting"], "n": board["n"],
+        "last top-1": [_pm(m, s) for m, s in zip(board["last_mean"], board["last_std"])],
+        "best top-1": [_pm(m, s) for m, s in zip(board["best_mean"], board["best_std"])],
+    })
+    if "value" in board:
+        has = board["value"].notna()
+        out["paper"] = board["paper"].where(has, "")
+        out["protocol"] = board["protocol"].where(has, "")
+        out["metric"] = board["metric"].where(has, "")
+        out["paper value"] = [f"{v:g}" if ok else "" for v, ok in zip(board["value"], has)]
+        out["ours"] = [f"{v:.2f}" if ok else "" for v, ok in zip(board.get("ours", board["value"]), has)]
+        out["Δ vs paper"] = [f"{v:+.2f}" if ok else "" for v, ok in zip(board.get("delta", board["value"]), has)]
+        out["tol"] = [f"±{v:.2f}" if ok else "" for v, ok in zip(board.get("tol", board["value"]), has)]
+        out["ok"] = ["✓" if w is True else "✗" if ok else "" for w, ok in zip(board.get("within", has), has)]
+    return out.sort_values(["dataset", "teacher", "student", "method", "setting"], kind="stable").reset_index(drop=True)
+
+
+def to_markdown(table: pd.DataFrame) -> str:
+    cols = list(table.columns)
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in table.itertuples(index=False)]
+    return "\n".join(lines)
+
+
+def to_html(table: pd.DataFrame, title: str) -> str:
+    return (f"<!doctype html><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            "<style>body{font-family:sans-serif}table{border-collapse:collapse}td,th{border:1px solid #ccc;"
+            f"padding:3px 8px;text-align:right}}</style><h1>{html.escape(title)}</h1>"
+            + table.to_html(index=False, escape=True))
+
+
+def failures(records: pd.DataFrame) -> pd.DataFrame:
+    return records[~records["status"].isin(["completed"])][[*KEYS, "seed", "status", "error", "path"]]
+
+
+def build_report(paths, out_dir: Path | None = None, paper_dir: Path = PAPER_DIR, title: str = "kdbench leaderboard") -> str:
+    """Write leaderboard.{md,csv,html} (+ leaderboard.json) into out_dir and return the Markdown."""
+    records = load_records(paths)
+    board = leaderboard(records, load_paper(paper_dir))
+    table = display_table(board) if not board.empty else pd.DataFrame()
+    md = f"## {title}\n\n" + (to_markdown(table) if not table.empty else "_no completed runs_")
+    failed = failures(records)
+    if not failed.empty:
+        md += "\n\nRuns not completed:\n\n" + to_markdown(failed.fillna(""))
+    if out_dir is not None:
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "leaderboard.md").write_text(md + "\n")
+        board.to_csv(out_dir / "leaderboard.csv", index=False)
+        (out_dir / "leaderboard.html").write_text(to_html(table, title))
+        write_json(out_dir / "leaderboard.json", {"records": len(records), "completed": int((records["status"] == "completed").sum()),
+                                                   "failed": len(failed)})
+    return md
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="kdbench-report", description=__doc__.splitlines()[0])
+    parser.add_argument("dirs", nargs="+", help="run or sweep directories (searched recursively for metrics.json)")
+    parser.add_argument("--out", type=Path, help="where to write leaderboard.{md,csv,html} (default: the first dir)")
+    parser.add_argument("--paper-dir", type=Path, default=PAPER_DIR, help="published numbers (CSV files)")
+    parser.add_argument("--title", default="kdbench leaderboard")
+    args = parser.parse_args(argv)
+    missing = [d for d in args.dirs if not Path(d).exists()]
+    if missing:
+        parser.error(f"no such directory: {', '.join(missing)}")
+    out = args.out or (Path(args.dirs[0]) if Path(args.dirs[0]).is_dir() else Path(args.dirs[0]).parent)
+    print(build_report(args.dirs, out, args.paper_dir, args.title))
+    print(f"\n(written to {out}/leaderboard.md, .csv, .html)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

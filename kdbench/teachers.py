@@ -1,0 +1,99 @@
+"""Teachers: loaded from a checkpoint, or trained once with the vanilla recipe into a content-addressed store.
+
+The store key is the hash of everything that determines the trained weights (architecture, dataset, recipe,
+seed). The sha256 of the weights file is recorded at save time and verified at every load. A file lock makes
+parallel jobs of one sweep train a shared teacher once and wait for it.
+"""
+from __future__ import annotations
+
+import copy
+import fcntl
+import json
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from kdbench.errors import CorruptCheckpoint, IncompatibleModels
+from kdbench.io import config_hash, ensure_writable_dir, load_torch, save_torch, sha256_file, write_json
+from kdbench.models import TapModel
+
+WEIGHTS_FILE = "teacher.pt"
+META_FILE = "meta.json"
+
+
+def teacher_run_config(cfg: DictConfig) -> DictConfig:
+    """The config the teacher is trained with: the run's recipe, vanilla CE, the teacher's seed and recipe overrides."""
+    tcfg = copy.deepcopy(cfg)
+    with open_dict(tcfg):
+        tcfg.student = {"model": cfg.teacher.model, "label": cfg.teacher.label}
+        tcfg.method = {"name": "vanilla", "weights": {"ce": 1.0}}
+        tcfg.seed = cfg.teacher.seed
+        tcfg.logger = {"name": "none"}
+        for key, value in (cfg.teacher.get("recipe") or {}).items():
+            OmegaConf.update(tcfg, key, value, merge=False)
+    return tcfg
+
+
+def state_dict_of(checkpoint) -> dict:
+    """The weights inside a checkpoint: kdbench and RepDistiller/mdistiller files keep them under 'model'."""
+    if isinstance(checkpoint, dict):
+        for key in ("model", "state_dict", "student"):
+            if isinstance(checkpoint.get(key), dict):
+                return checkpoint[key]
+        if all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
+            return checkpoint
+    raise CorruptCheckpoint("checkpoint holds no state dict (looked for keys 'model', 'state_dict', or a plain state dict)")
+
+
+def load_weights(model: TapModel, checkpoint, source: str) -> None:
+    state = state_dict_of(checkpoint)
+    result = model.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise IncompatibleModels(
+            f"checkpoint {source} does not fit {type(model).__name__}: missing {result.missing_keys[:5]}, unexpected "
+            f"{result.unexpected_keys[:5]}. Check teacher=<arch> matches the checkpoint's architecture.")
+
+
+@contextmanager
+def _locked(directory: Path):
+    ensure_writable_dir(directory)
+    with open(directory / ".lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def obtain_teacher(cfg: DictConfig, data, device: torch.device) -> tuple[TapModel, dict]:
+    """(frozen teacher in eval mode on `device`, provenance for the run record)."""
+    from kdbench.train import build_model, run, semantic_config
+
+    teacher = build_model(cfg.teacher.model, data)
+    if cfg.teacher.checkpoint:
+        path = Path(cfg.teacher.checkpoint).expanduser()
+        load_weights(teacher, load_torch(path, "teacher checkpoint"), str(path))
+        source = {"kind": "checkpoint", "path": str(path), "sha256": sha256_file(path)}
+    else:
+        tcfg = teacher_run_config(cfg)
+        key = config_hash(semantic_config(tcfg))
+        directory = Path(cfg.paths.teacher_store) / f"{cfg.teacher.label}-{key}"
+        weights, meta_path = directory / WEIGHTS_FILE, directory / META_FILE
+        with _locked(directory):
+            if not meta_path.exists():
+                run(tcfg, directory / "train", overrides=("(teacher for the store)",))
+                save_torch(weights, {"model": torch.load(directory / "train" / "checkpoint.pt", weights_only=False)["student"]})
+                (directory / "train" / "checkpoint.pt").unlink()
+                write_json(meta_path, {"key": key, "sha256": sha256_file(weights), "config": semantic_config(tcfg),
+                                       "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+        meta = json.loads(meta_path.read_text())
+        if not weights.exists() or sha256_file(weights) != meta["sha256"]:
+            raise CorruptCheckpoint(f"stored teacher {weights} is missing or does not match its recorded sha256; "
+                                    f"delete {directory} and it will be retrained")
+        load_weights(teacher, load_torch(weights, "stored teacher"), str(weights))
+        source = {"kind": "store", "path": str(weights), "sha256": meta["sha256"], "key": key}
+    teacher.to(device).eval().requires_grad_(False)
+    return teacher, source
