@@ -49,12 +49,15 @@ def state_dict_of(checkpoint) -> dict:
 
 
 def load_weights(model: TapModel, checkpoint, source: str) -> None:
-    state = state_dict_of(checkpoint)
-    result = model.load_state_dict(state, strict=False)
+    fix = "Check that teacher=<arch> matches the checkpoint's architecture."
+    try:
+        result = model.load_state_dict(state_dict_of(checkpoint), strict=False)
+    except RuntimeError as err:  # shape mismatches
+        raise IncompatibleModels(f"checkpoint {source} does not fit {type(model).__name__}: "
+                                 f"{str(err).splitlines()[1].strip()} ... {fix}") from None
     if result.missing_keys or result.unexpected_keys:
-        raise IncompatibleModels(
-            f"checkpoint {source} does not fit {type(model).__name__}: missing {result.missing_keys[:5]}, unexpected "
-            f"{result.unexpected_keys[:5]}. Check teacher=<arch> matches the checkpoint's architecture.")
+        raise IncompatibleModels(f"checkpoint {source} does not fit {type(model).__name__}: missing "
+                                 f"{result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}. {fix}")
 
 
 @contextmanager

@@ -1,0 +1,111 @@
+"""Training behaviour: LR rule, resume, teacher store, and bad input that must not lose records."""
+import json
+
+import pytest
+import torch
+
+from kdbench.errors import CorruptCheckpoint, IncompatibleModels, NonFiniteLoss, OutputNotWritable
+from kdbench.train import lr_at
+from tests.conftest import TINY_SYNTHETIC, compose_config
+
+DIGITS_FAST = ["trainer.epochs=3", "trainer.progress=false", "teacher=mlp_32"]
+
+
+def test_step_schedule_is_the_crd_rule():
+    sched = compose_config(["schedule=step"]).schedule
+    lrs = {e: lr_at(e, 0.05, sched, 240) for e in (1, 150, 151, 180, 181, 210, 211, 240)}
+    assert lrs[1] == lrs[150] == 0.05
+    assert lrs[151] == pytest.approx(0.005) and lrs[180] == pytest.approx(0.005)
+    assert lrs[181] == pytest.approx(0.0005) and lrs[211] == pytest.approx(0.00005) == lrs[240]
+
+
+def test_record_contents(run_job):
+    rec = run_job(*DIGITS_FAST, "method=kd")
+    assert rec["status"] == "completed" and rec["seed"] == 1 and rec["method"] == "kd"
+    assert [h["epoch"] for h in rec["history"]] == [1, 2, 3]
+    assert rec["best_top1"] == max(h["test_top1"] for h in rec["history"]) >= rec["last_top1"]
+    assert rec["last_errors"] == round((100 - rec["last_top1"]) * rec["n_test"] / 100)
+    assert {"torch", "kdbench"} <= set(rec["versions"]) and rec["config"]["trainer"]["epochs"] == 3
+    assert rec["teacher_top1"] > 50 and rec["config_hash"]
+
+
+def test_interrupted_run_resumes_to_the_same_final_metrics(run_job, monkeypatch, tmp_path):
+    import kdbench.train as train
+
+    reference = run_job(*DIGITS_FAST, "method=kd", name="straight")
+    real_evaluate, calls = train.evaluate, {"n": 0}
+
+    def interrupt_in_epoch_2(model, loader, precision="fp32"):
+        calls["n"] += 1
+        if calls["n"] == 3:  # teacher eval, epoch 1, then Ctrl-C during epoch 2's evaluation
+            raise KeyboardInterrupt
+        return real_evaluate(model, loader, precision)
+
+    monkeypatch.setattr(train, "evaluate", interrupt_in_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        run_job(*DIGITS_FAST, "method=kd", name="resumed")
+    partial = json.loads((tmp_path / "resumed" / "metrics.json").read_text())
+    assert partial["status"] == "interrupted" and len(partial["history"]) == 1
+    monkeypatch.setattr(train, "evaluate", real_evaluate)
+    resumed = run_job(*DIGITS_FAST, "method=kd", name="resumed")
+    assert [h["test_top1"] for h in resumed["history"]] == [h["test_top1"] for h in reference["history"]]
+    assert [h["train"] for h in resumed["history"]] == [h["train"] for h in reference["history"]]
+
+
+def test_teacher_is_trained_once_and_verified(run_job, tmp_path):
+    first = run_job(*DIGITS_FAST, "method=kd", "seed=1", name="a")
+    second = run_job(*DIGITS_FAST, "method=kd", "seed=2", name="b")
+    assert first["teacher_source"] == second["teacher_source"]
+    assert len(list((tmp_path / "teachers").iterdir())) == 1
+    weights = tmp_path / "teachers" / next((tmp_path / "teachers").iterdir()).name / "teacher.pt"
+    weights.write_bytes(weights.read_bytes()[:-10] + b"0123456789")
+    with pytest.raises(CorruptCheckpoint, match="sha256"):
+        run_job(*DIGITS_FAST, "method=kd", name="c")
+    assert json.loads((tmp_path / "c" / "metrics.json").read_text())["status"] == "failed"
+
+
+def test_teacher_from_checkpoint_file_and_corrupt_file(run_job, tmp_path):
+    from kdbench.models import create_model
+
+    good = tmp_path / "ckpt_epoch_240.pth"
+    torch.save({"model": create_model("mlp", 10, (1, 8, 8), hidden=[32]).state_dict()}, good)  # reference format
+    rec = run_job(*DIGITS_FAST, "method=kd", f"teacher.checkpoint={good}", name="ok")
+    assert rec["teacher_source"]["kind"] == "checkpoint" and len(rec["teacher_source"]["sha256"]) == 64
+    bad = tmp_path / "bad.pth"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(CorruptCheckpoint, match="unreadable"):
+        run_job(*DIGITS_FAST, "method=kd", f"teacher.checkpoint={bad}", name="bad")
+    with pytest.raises(IncompatibleModels, match="does not fit"):
+        run_job(*DIGITS_FAST, "method=kd", "teacher=mlp_800x2", f"teacher.checkpoint={good}", name="mismatch")
+
+
+def test_nan_loss_fails_clearly_and_keeps_the_record(run_job, tmp_path):
+    with pytest.raises(NonFiniteLoss, match="optim.lr"):
+        run_job(*DIGITS_FAST, "method=vanilla", "optim.lr=1e12", name="nan")
+    rec = json.loads((tmp_path / "nan" / "metrics.json").read_text())
+    assert rec["status"] == "failed" and "NonFiniteLoss" in rec["error"]
+
+
+def test_unwritable_output_dir(tmp_path):
+    from kdbench.train import run
+
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(OutputNotWritable, match="paths.root"):
+        run(compose_config(DIGITS_FAST, tmp_path), blocker / "job")
+
+
+def test_missing_tap_is_reported_before_training(run_job):
+    from kdbench.distill import PairInfo, create_method
+    from kdbench.models import create_model, probe_taps
+    from omegaconf import OmegaConf
+
+    s = create_model("resnet8", 10, (3, 32, 32))
+    pair = PairInfo(s, None, probe_taps(s, (3, 32, 32)), None, "resnet8", None, 10, torch.zeros(4), 1, 0.1)
+    with pytest.raises(IncompatibleModels, match="no teacher"):
+        create_method(OmegaConf.create({"name": "kd", "temperature": 4, "weights": {"ce": 1, "kd": 1}}), pair)
+
+
+def test_synthetic_cifar_shaped_student_learns(run_job):
+    rec = run_job(*TINY_SYNTHETIC, "method=vanilla", "student=resnet8", "trainer.epochs=2")
+    assert rec["status"] == "completed" and rec["student_params"] == 78_042  # resnet8 with 10 classes
