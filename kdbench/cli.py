@@ -25,8 +25,8 @@ CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 log = logging.getLogger("kdbench")
 _sweep_failures: list[str] = []
 
-# One id per invocation (inherited by launcher workers through the environment), so two sweeps started in the
-# same second never share a directory.
+# One id per invocation, so two sweeps started in the same second never share a directory. main() mints it and
+# launcher workers inherit it through the environment; the default here serves the compose API (tests, notebooks).
 os.environ.setdefault("KDBENCH_UID", secrets.token_hex(3))
 if not OmegaConf.has_resolver("kdbench_uid"):
     OmegaConf.register_new_resolver("kdbench_uid", lambda: os.environ["KDBENCH_UID"])
@@ -64,6 +64,7 @@ def _job(cfg: DictConfig):
 
 
 def main() -> None:
+    os.environ["KDBENCH_UID"] = secrets.token_hex(3)
     if len(sys.argv) > 1 and sys.argv[1] == "report":
         from kdbench.report import main as report_main
 

@@ -123,7 +123,7 @@ def display_table(board: pd.DataFrame) -> pd.DataFrame:
         "last top-1": [_pm(m, s) for m, s in zip(board["last_mean"], board["last_std"])],
         "best top-1": [_pm(m, s) for m, s in zip(board["best_mean"], board["best_std"])],
     })
-    if "value" in board:
+    if "value" in board and board["value"].notna().any():
         has = board["value"].notna()
         out["paper"] = board["paper"].where(has, "")
         out["protocol"] = board["protocol"].where(has, "")

@@ -1,0 +1,86 @@
+"""The command line as users run it: sweeps write records and a leaderboard; a failing job does not stop a sweep."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from kdbench.report import build_report, leaderboard, load_paper, load_records
+
+KDBENCH = [sys.executable, "-c", "from kdbench.cli import main; main()"]
+FAST = ["teacher=mlp_32", "trainer.epochs=2", "trainer.progress=false"]
+
+
+def _kdbench(tmp_path, *args):
+    env = {**os.environ, "KDBENCH_RESULTS": str(tmp_path)}
+    return subprocess.run([*KDBENCH, *args], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+
+
+def test_multirun_writes_records_and_prints_leaderboard(tmp_path):
+    out = _kdbench(tmp_path, "-m", "method=vanilla,kd", "seed=1,2", *FAST)
+    assert out.returncode == 0, out.stderr[-2000:]
+    (sweep,) = (tmp_path / "multirun").iterdir()
+    records = [json.loads(p.read_text()) for p in sweep.glob("*/metrics.json")]
+    assert sorted((r["method"], r["seed"], r["status"]) for r in records) == [
+        ("kd", 1, "completed"), ("kd", 2, "completed"), ("vanilla", 1, "completed"), ("vanilla", 2, "completed")]
+    assert "| digits | mlp_32 | mlp_32 | kd |" in out.stdout and "| 2 |" in out.stdout
+    for ext in ("md", "csv", "html"):
+        assert (sweep / f"leaderboard.{ext}").stat().st_size > 0
+
+
+def test_failing_job_leaves_other_records_and_report(tmp_path):
+    out = _kdbench(tmp_path, "method=vanilla", "optim.lr=0.05,1e12", *FAST)
+    assert out.returncode == 1 and "did not complete" in out.stderr
+    (sweep,) = (tmp_path / "multirun").iterdir()
+    statuses = {json.loads(p.read_text())["config"]["optim"]["lr"]: json.loads(p.read_text())["status"]
+                for p in sweep.glob("*/metrics.json")}
+    assert statuses == {0.05: "completed", 1e12: "failed"}
+    assert "NonFiniteLoss" in (sweep / "leaderboard.md").read_text()
+
+
+def test_two_sweeps_in_the_same_second_do_not_collide(tmp_path):
+    procs = [subprocess.Popen([*KDBENCH, "method=vanilla", "seed=1", "trainer.epochs=1", "trainer.progress=false"],
+                              env={**os.environ, "KDBENCH_RESULTS": str(tmp_path)}, cwd=tmp_path,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for _ in range(2)]
+    assert [p.wait(timeout=300) for p in procs] == [0, 0]
+    assert len(list((tmp_path / "multirun").iterdir())) == 2
+
+
+def test_report_subcommand(tmp_path):
+    assert _kdbench(tmp_path, "method=vanilla", "seed=1", *FAST).returncode == 0
+    out = subprocess.run([*KDBENCH, "report", str(tmp_path / "multirun"), "--out", str(tmp_path / "rep")],
+                         capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert out.returncode == 0 and "| digits |" in out.stdout and (tmp_path / "rep" / "leaderboard.html").exists()
+
+
+def _fake_record(root: Path, name: str, **fields):
+    d = root / name
+    d.mkdir(parents=True)
+    rec = {"status": "completed", "dataset": "mnist", "teacher": "mlp_1200x2", "student": "mlp_800x2", "method": "kd",
+           "overrides": [], "n_test": 10000, **fields}
+    (d / "metrics.json").write_text(json.dumps(rec))
+
+
+def test_leaderboard_statistics_and_paper_diff(tmp_path):
+    for i, (last, best) in enumerate([(99.20, 99.30), (99.30, 99.40), (99.10, 99.35)]):
+        _fake_record(tmp_path, f"r{i}", seed=i, last_top1=last, best_top1=best)
+    _fake_record(tmp_path, "other", seed=0, last_top1=50.0, best_top1=50.0, overrides=["method.temperature=20"])
+    _fake_record(tmp_path, "broken", seed=9, status="failed", last_top1=None, best_top1=None, error="boom")
+    board = leaderboard(load_records([tmp_path]), load_paper())
+    row = board[(board["setting"] == "") & (board["paper"] == "Hinton2015")].iloc[0]
+    assert row["n"] == 3 and abs(row["last_mean"] - 99.20) < 1e-9 and abs(row["last_std"] - 0.1) < 1e-9
+    # Hinton reports test errors at the last epoch: (100 - 99.2)% of 10000 = 80 errors vs 74 in the paper.
+    assert abs(row["ours"] - 80.0) < 1e-6 and abs(row["delta"] - 6.0) < 1e-6
+    assert abs(row["tol"] - 20.0) < 1e-6 and bool(row["within"])  # max(2 * 0.1, mnist floor 0.1) points = 20 errors
+    assert (board["setting"] == "method.temperature=20").sum() == 1  # other settings are never averaged in
+    md = build_report([tmp_path], tmp_path / "out")
+    assert "Hinton2015" in md and "boom" in md
+
+
+def test_wandb_logger_without_api_key_runs_offline_without_prompting(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB")}
+    out = subprocess.run([*KDBENCH, "logger=wandb", "method=vanilla", "seed=1", *FAST], capture_output=True, text=True,
+                         env={**env, "KDBENCH_RESULTS": str(tmp_path)}, cwd=tmp_path, stdin=subprocess.DEVNULL, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    (job,) = (tmp_path / "multirun").glob("*/0")
+    assert list((job / "wandb").glob("offline-run-*"))
