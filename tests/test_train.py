@@ -109,3 +109,15 @@ def test_missing_tap_is_reported_before_training(run_job):
 def test_synthetic_cifar_shaped_student_learns(run_job):
     rec = run_job(*TINY_SYNTHETIC, "method=vanilla", "student=resnet8", "trainer.epochs=2")
     assert rec["status"] == "completed" and rec["student_params"] == 78_042  # resnet8 with 10 classes
+
+
+def test_bf16_autocast_runs(run_job):
+    rec = run_job(*DIGITS_FAST, "method=kd", "trainer.precision=bf16", "trainer.epochs=1")
+    assert rec["status"] == "completed" and rec["config"]["trainer"]["precision"] == "bf16"
+
+
+def test_cifar100_experiment_recipe():
+    cfg = compose_config(["experiment=cifar100_crd"])
+    assert (cfg.dataset.name, cfg.teacher.label, cfg.student.label) == ("cifar100", "resnet32x4", "resnet8x4")
+    assert (cfg.trainer.epochs, cfg.trainer.batch_size, cfg.optim.lr, list(cfg.schedule.milestones)) == (240, 64, 0.05, [150, 180, 210])
+    assert list(cfg.dataset.mean) == [0.5071, 0.4867, 0.4408] and cfg.dataset.crop_padding == 4 and cfg.dataset.hflip
