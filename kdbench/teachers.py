@@ -16,9 +16,9 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from kdbench.errors import CorruptCheckpoint, IncompatibleModels
+from kdbench.errors import CorruptCheckpoint
 from kdbench.io import config_hash, ensure_writable_dir, load_torch, save_torch, sha256_file, write_json
-from kdbench.models import TapModel
+from kdbench.models import TapModel, load_reference_checkpoint
 
 WEIGHTS_FILE = "teacher.pt"
 META_FILE = "meta.json"
@@ -35,29 +35,6 @@ def teacher_run_config(cfg: DictConfig) -> DictConfig:
         for key, value in (cfg.teacher.get("recipe") or {}).items():
             OmegaConf.update(tcfg, key, value, merge=False)
     return tcfg
-
-
-def state_dict_of(checkpoint) -> dict:
-    """The weights inside a checkpoint: kdbench and RepDistiller/mdistiller files keep them under 'model'."""
-    if isinstance(checkpoint, dict):
-        for key in ("model", "state_dict", "student"):
-            if isinstance(checkpoint.get(key), dict):
-                return checkpoint[key]
-        if all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
-            return checkpoint
-    raise CorruptCheckpoint("checkpoint holds no state dict (looked for keys 'model', 'state_dict', or a plain state dict)")
-
-
-def load_weights(model: TapModel, checkpoint, source: str) -> None:
-    fix = "Check that teacher=<arch> matches the checkpoint's architecture."
-    try:
-        result = model.load_state_dict(state_dict_of(checkpoint), strict=False)
-    except RuntimeError as err:  # shape mismatches
-        raise IncompatibleModels(f"checkpoint {source} does not fit {type(model).__name__}: "
-                                 f"{str(err).splitlines()[1].strip()} ... {fix}") from None
-    if result.missing_keys or result.unexpected_keys:
-        raise IncompatibleModels(f"checkpoint {source} does not fit {type(model).__name__}: missing "
-                                 f"{result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}. {fix}")
 
 
 @contextmanager
@@ -78,7 +55,7 @@ def obtain_teacher(cfg: DictConfig, data, device: torch.device) -> tuple[TapMode
     teacher = build_model(cfg.teacher.model, data)
     if cfg.teacher.checkpoint:
         path = Path(cfg.teacher.checkpoint).expanduser()
-        load_weights(teacher, load_torch(path, "teacher checkpoint"), str(path))
+        load_reference_checkpoint(teacher, load_torch(path, "teacher checkpoint"))
         source = {"kind": "checkpoint", "path": str(path), "sha256": sha256_file(path)}
     else:
         tcfg = teacher_run_config(cfg)
@@ -96,7 +73,7 @@ def obtain_teacher(cfg: DictConfig, data, device: torch.device) -> tuple[TapMode
         if not weights.exists() or sha256_file(weights) != meta["sha256"]:
             raise CorruptCheckpoint(f"stored teacher {weights} is missing or does not match its recorded sha256; "
                                     f"delete {directory} and it will be retrained")
-        load_weights(teacher, load_torch(weights, "stored teacher"), str(weights))
+        load_reference_checkpoint(teacher, load_torch(weights, "stored teacher"))
         source = {"kind": "store", "path": str(weights), "sha256": meta["sha256"], "key": key}
     teacher.to(device).eval().requires_grad_(False)
     return teacher, source

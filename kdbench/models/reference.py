@@ -31,8 +31,11 @@ def reference_state_dict(checkpoint: Mapping) -> dict[str, torch.Tensor]:
     """The weights of a reference checkpoint with the key mapping applied (prefix stripped)."""
     state = None
     for key in WEIGHT_KEYS:
-        if isinstance(checkpoint.get(key), Mapping):
-            state = checkpoint[key]
+        value = checkpoint.get(key)
+        if isinstance(value, nn.Module):  # a pickled network instead of its state dict
+            value = value.state_dict()
+        if isinstance(value, Mapping):
+            state = value
             break
     if state is None:
         if checkpoint and all(isinstance(v, torch.Tensor) for v in checkpoint.values()):

@@ -21,7 +21,6 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
-import torch
 import torch.nn.functional as F
 from torch import nn
 
