@@ -60,6 +60,8 @@ class TrainerConfig:
     num_workers: int = 0  # DataLoader workers when data_on_device is false
     resume: bool = True  # continue from checkpoint.pt when the output dir has one
     progress: bool = True  # tqdm bar over epochs
+    teacher_cache: bool = True  # compute teacher outputs once per sample when exact (no augmentation, eval teacher)
+    teacher_cache_gb: float = 4.0  # ... and when they fit in this much device memory
 
 
 def register_schemas() -> None:

@@ -29,7 +29,7 @@ DEFAULT_FLOOR = 0.5
 _GROUP_CHOICES = {"seed", "method", "dataset", "teacher", "student"}
 # Overrides that do not change results (where and how a job runs) never split a leaderboard row.
 _NON_SEMANTIC = ("hydra", "paths", "logger", "trainer.progress", "trainer.device", "trainer.resume",
-                 "trainer.num_workers", "trainer.data_on_device", "trainer.eval_batch_size")
+                 "trainer.num_workers", "trainer.data_on_device", "trainer.eval_batch_size", "trainer.teacher_cache")
 
 
 def find_records(paths) -> list[Path]:

@@ -31,7 +31,8 @@ from kdbench.record import RunRecord
 CHECKPOINT_FILE = "checkpoint.pt"
 # Keys that do not change what a run computes; left out of the config hash (and of teacher-store keys).
 _VOLATILE = {"paths": None, "logger": None, "dataset": ("root", "download"),
-             "trainer": ("device", "progress", "resume", "num_workers", "data_on_device", "eval_batch_size")}
+             "trainer": ("device", "progress", "resume", "num_workers", "data_on_device", "eval_batch_size",
+                         "teacher_cache", "teacher_cache_gb")}
 
 
 def semantic_config(cfg: DictConfig) -> dict:
@@ -176,11 +177,44 @@ def teacher_forward(teacher: TapModel, inputs: torch.Tensor, taps) -> dict[str, 
         return teacher.forward_taps(inputs, taps)
 
 
+class TeacherCache:
+    """The teacher's outputs for every training sample, computed once and gathered by batch.indices.
+
+    Exact only when a sample's teacher output never changes: no random augmentation and the teacher in eval mode
+    (cached_teacher() checks both). Distillation then costs about as much as plain training.
+    """
+
+    def __init__(self, teacher: TapModel, loader, taps, precision: str):
+        self.outputs: dict[str, torch.Tensor] = {}
+        for batch in loader.epoch(0):
+            with autocast(batch.inputs.device, precision):
+                out = teacher_forward(teacher, batch.inputs, taps)
+            for name in (*taps, "logits"):
+                if name not in self.outputs:
+                    self.outputs[name] = out[name].new_empty(loader.num_samples, *out[name].shape[1:])
+                self.outputs[name][batch.indices] = out[name]
+
+    def __call__(self, batch) -> dict[str, torch.Tensor]:
+        return {name: value[batch.indices] for name, value in self.outputs.items()}
+
+
+def cached_teacher(cfg: DictConfig, teacher: Optional[TapModel], method: Method, data: Data,
+                   teacher_shapes) -> Optional[TeacherCache]:
+    """A TeacherCache when it is exact and fits in trainer.teacher_cache_gb; None otherwise."""
+    if teacher is None or not cfg.trainer.teacher_cache or data.train_loader.augment.active or method.teacher_train_mode:
+        return None
+    numel = sum(math.prod(teacher_shapes[t]) for t in {*method.teacher_taps, "logits"})
+    if numel * len(data.train) * 4 > cfg.trainer.teacher_cache_gb * 2**30:
+        return None
+    return TeacherCache(teacher.eval(), data.train_loader, method.teacher_taps, cfg.trainer.precision)
+
+
 LossFn = Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]
 
 
 def train_epoch(student: TapModel, method: Method, teacher: Optional[TapModel], loader, optimizer, loss_fn: LossFn,
-                student_taps, teacher_taps, seed: int, epoch: int, precision: str, forward=None) -> dict[str, float]:
+                student_taps, teacher_taps, seed: int, epoch: int, precision: str, forward=None,
+                teacher_cache: Optional[TeacherCache] = None) -> dict[str, float]:
     """One pass over the training data; returns the sample-weighted mean of every loss term."""
     student.train()
     method.train()
@@ -192,7 +226,10 @@ def train_epoch(student: TapModel, method: Method, teacher: Optional[TapModel], 
     n = 0
     for batch in loader.epoch(epoch_seed(seed, epoch)):
         with autocast(batch.inputs.device, precision):
-            t_out = teacher_forward(teacher, batch.inputs, teacher_taps) if teacher is not None else None
+            if teacher_cache is not None:
+                t_out = teacher_cache(batch)
+            else:
+                t_out = teacher_forward(teacher, batch.inputs, teacher_taps) if teacher is not None else None
             s_out = forward(batch.inputs, student_taps)
             total, terms = loss_fn(batch, s_out, t_out)
         optimizer.zero_grad(set_to_none=True)
@@ -217,7 +254,7 @@ def _summary(history: list[dict]) -> dict:
 
 
 def fit(cfg: DictConfig, student: TapModel, method: Method, teacher: Optional[TapModel], data: Data, out_dir: Path,
-        record: RunRecord, logger) -> None:
+        record: RunRecord, logger, teacher_cache: Optional[TeacherCache] = None) -> None:
     tr = cfg.trainer
     seed = int(cfg.seed)
     ckpt_path = out_dir / CHECKPOINT_FILE
@@ -257,7 +294,7 @@ def fit(cfg: DictConfig, student: TapModel, method: Method, teacher: Optional[Ta
         t0 = time.time()
         train_stats = train_epoch(student, method, teacher, data.train_loader, optimizer,
                                   lambda b, s, t: method.loss(b, s, t, epoch), method.student_taps,
-                                  method.teacher_taps, seed, epoch, tr.precision, forward)
+                                  method.teacher_taps, seed, epoch, tr.precision, forward, teacher_cache)
         ev = evaluate(student, data.test_loader, tr.precision)
         history.append({"epoch": epoch, "lr": lr, "train": train_stats, "test_top1": ev.top1, "test_errors": ev.errors,
                         "test_loss": ev.loss, "seconds": round(time.time() - t0, 3)})
@@ -288,8 +325,10 @@ def train(cfg: DictConfig, out_dir: Path, record: RunRecord, logger) -> tuple[Ta
                     cfg.teacher.label if teacher is not None else None, data.num_classes, data.train.labels,
                     int(cfg.trainer.epochs), float(cfg.optim.lr))
     method = create_method(cfg.method, pair).to(device)
-    record.update(student_params=count_parameters(student), extra_params=count_parameters(method))
-    fit(cfg, student, method, teacher, data, out_dir, record, logger)
+    cache = cached_teacher(cfg, teacher, method, data, teacher_shapes)
+    record.update(student_params=count_parameters(student), extra_params=count_parameters(method),
+                  teacher_cache=cache is not None)
+    fit(cfg, student, method, teacher, data, out_dir, record, logger, cache)
     return student, method
 
 

@@ -121,3 +121,13 @@ def test_cifar100_experiment_recipe():
     assert (cfg.dataset.name, cfg.teacher.label, cfg.student.label) == ("cifar100", "resnet32x4", "resnet8x4")
     assert (cfg.trainer.epochs, cfg.trainer.batch_size, cfg.optim.lr, list(cfg.schedule.milestones)) == (240, 64, 0.05, [150, 180, 210])
     assert list(cfg.dataset.mean) == [0.5071, 0.4867, 0.4408] and cfg.dataset.crop_padding == 4 and cfg.dataset.hflip
+
+
+def test_teacher_cache_gives_the_same_training_as_recomputing(run_job):
+    cached = run_job(*DIGITS_FAST, "method=kd", name="cached")
+    direct = run_job(*DIGITS_FAST, "method=kd", "trainer.teacher_cache=false", name="direct")
+    assert cached["teacher_cache"] is True and direct["teacher_cache"] is False
+    for a, b in zip(cached["history"], direct["history"]):
+        assert a["train"] == pytest.approx(b["train"], rel=1e-4) and abs(a["test_top1"] - b["test_top1"]) <= 0.3
+    augmented = run_job(*TINY_SYNTHETIC, "method=kd", "teacher=resnet8", "student=resnet8", name="augmented")
+    assert augmented["teacher_cache"] is False  # random crops: each step's teacher output is new
