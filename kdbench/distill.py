@@ -49,6 +49,7 @@ class PairInfo:
     train_labels: torch.Tensor  # labels of the training set, by dataset index
     epochs: int
     lr: float  # the run's base learning rate (pre-training stages derive theirs from it)
+    input_shape: tuple[int, ...] = ()  # (C, H, W) of the inputs, for methods that build extra networks (DML peers)
 
     def incompatible(self, method: str, detail: str) -> IncompatibleModels:
         return IncompatibleModels(f"method '{method}' cannot distill {self.teacher_name} -> {self.student_name}: {detail}")

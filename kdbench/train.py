@@ -323,7 +323,7 @@ def train(cfg: DictConfig, out_dir: Path, record: RunRecord, logger) -> tuple[Ta
     student = build_model(cfg.student.model, data).to(device)
     pair = PairInfo(student, teacher, probe_taps(student, data.input_shape), teacher_shapes, cfg.student.label,
                     cfg.teacher.label if teacher is not None else None, data.num_classes, data.train.labels,
-                    int(cfg.trainer.epochs), float(cfg.optim.lr))
+                    int(cfg.trainer.epochs), float(cfg.optim.lr), data.input_shape)
     method = create_method(cfg.method, pair).to(device)
     cache = cached_teacher(cfg, teacher, method, data, teacher_shapes)
     record.update(student_params=count_parameters(student), extra_params=count_parameters(method),
