@@ -31,9 +31,10 @@ class DatasetConfig:
 
 @dataclass
 class OptimConfig:
-    name: str = "sgd"  # sgd | adam
+    name: str = "sgd"  # sgd | adam | dot
     lr: float = 0.05
     momentum: float = 0.9
+    delta: float = 0.075  # dot: momenta momentum -/+ delta for the task / distillation gradients
     nesterov: bool = False
     weight_decay: float = 5e-4
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])

@@ -26,6 +26,7 @@ from kdbench.errors import KDBenchError, NonFiniteLoss
 from kdbench.io import config_hash, load_torch, save_torch
 from kdbench.loggers import create_logger
 from kdbench.models import TapModel, count_parameters, create_model, probe_taps
+from kdbench.optim import backward_step, build_optimizer
 from kdbench.record import RunRecord
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -137,15 +138,6 @@ def lr_at(epoch: int, base_lr: float, schedule: DictConfig, epochs: int) -> floa
     raise KDBenchError(f"unknown schedule '{schedule.name}'; use step, cosine or constant")
 
 
-def build_optimizer(params, optim: DictConfig) -> torch.optim.Optimizer:
-    if optim.name == "sgd":
-        return torch.optim.SGD(params, lr=optim.lr, momentum=optim.momentum, nesterov=optim.nesterov,
-                               weight_decay=optim.weight_decay)
-    if optim.name == "adam":
-        return torch.optim.Adam(params, lr=optim.lr, betas=tuple(optim.betas), weight_decay=optim.weight_decay)
-    raise KDBenchError(f"unknown optimizer '{optim.name}'; use optim=sgd or optim=adam")
-
-
 # ----------------------------------------------------------------------------- training
 
 
@@ -214,7 +206,7 @@ LossFn = Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]
 
 def train_epoch(student: TapModel, method: Method, teacher: Optional[TapModel], loader, optimizer, loss_fn: LossFn,
                 student_taps, teacher_taps, seed: int, epoch: int, precision: str, forward=None,
-                teacher_cache: Optional[TeacherCache] = None) -> dict[str, float]:
+                teacher_cache: Optional[TeacherCache] = None, task_weight: float = 0.0) -> dict[str, float]:
     """One pass over the training data; returns the sample-weighted mean of every loss term."""
     student.train()
     method.train()
@@ -233,8 +225,7 @@ def train_epoch(student: TapModel, method: Method, teacher: Optional[TapModel], 
             s_out = forward(batch.inputs, student_taps)
             total, terms = loss_fn(batch, s_out, t_out)
         optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        optimizer.step()
+        backward_step(optimizer, total, task_weight * terms["ce"] if task_weight else None)
         for name, value in (("loss", total), *terms.items()):
             sums[name] = sums.get(name, 0.0) + value.detach().float() * len(batch)
         n += len(batch)
@@ -294,7 +285,8 @@ def fit(cfg: DictConfig, student: TapModel, method: Method, teacher: Optional[Ta
         t0 = time.time()
         train_stats = train_epoch(student, method, teacher, data.train_loader, optimizer,
                                   lambda b, s, t: method.loss(b, s, t, epoch), method.student_taps,
-                                  method.teacher_taps, seed, epoch, tr.precision, forward, teacher_cache)
+                                  method.teacher_taps, seed, epoch, tr.precision, forward, teacher_cache,
+                                  method.term_weights(epoch).get("ce", 0.0))
         ev = evaluate(student, data.test_loader, tr.precision)
         history.append({"epoch": epoch, "lr": lr, "train": train_stats, "test_top1": ev.top1, "test_errors": ev.errors,
                         "test_loss": ev.loss, "seconds": round(time.time() - t0, 3)})
