@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import signal
 import sys
 from pathlib import Path
 
@@ -63,7 +64,13 @@ def _job(cfg: DictConfig):
     return record["last_top1"]
 
 
+def _terminated(signum, frame):
+    raise KeyboardInterrupt(f"terminated by signal {signum}")
+
+
 def main() -> None:
+    # SIGTERM (timeout, Slurm preemption) ends a job like Ctrl-C: its record says "interrupted", epochs kept.
+    signal.signal(signal.SIGTERM, _terminated)
     os.environ["KDBENCH_UID"] = secrets.token_hex(3)
     if len(sys.argv) > 1 and sys.argv[1] == "report":
         from kdbench.report import main as report_main

@@ -84,3 +84,20 @@ def test_wandb_logger_without_api_key_runs_offline_without_prompting(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     (job,) = (tmp_path / "multirun").glob("*/0")
     assert list((job / "wandb").glob("offline-run-*"))
+
+
+def test_terminated_job_records_interrupted(tmp_path):
+    import signal
+    import time
+
+    proc = subprocess.Popen([*KDBENCH, "method=vanilla", "seed=1", "teacher=mlp_32", "trainer.epochs=500"],
+                            env={**os.environ, "KDBENCH_RESULTS": str(tmp_path)}, cwd=tmp_path,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(tmp_path.glob("multirun/*/0/checkpoint.pt")):
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=120)
+    (record,) = tmp_path.glob("multirun/*/0/metrics.json")
+    rec = json.loads(record.read_text())
+    assert rec["status"] == "interrupted" and len(rec["history"]) >= 1
