@@ -3,6 +3,11 @@
 The store key is the hash of everything that determines the trained weights (architecture, dataset, recipe,
 seed). The sha256 of the weights file is recorded at save time and verified at every load. A file lock makes
 parallel jobs of one sweep train a shared teacher once and wait for it.
+
+A teacher config may say how it is trained instead of vanilla CE: `distill: {from: <teacher config>, method:
+<method config>}` (teaching assistants, TAKD; see conf/experiment/takd_plain_cnn_c100.yaml). Such a teacher is
+trained by a distillation job (student = its model, teacher = `distill.from`, method = `distill.method`), stored
+under the hash of that job's whole config, which contains the `from` teacher's config, so chains nest.
 """
 from __future__ import annotations
 
@@ -16,7 +21,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from kdbench.errors import CorruptCheckpoint
+from kdbench.errors import CorruptCheckpoint, KDBenchError
 from kdbench.io import config_hash, ensure_writable_dir, load_torch, save_torch, sha256_file, write_json
 from kdbench.models import TapModel, load_reference_checkpoint
 
@@ -25,14 +30,28 @@ META_FILE = "meta.json"
 
 
 def teacher_run_config(cfg: DictConfig) -> DictConfig:
-    """The config the teacher is trained with: the run's recipe, vanilla CE, the teacher's seed and recipe overrides."""
+    """The config the teacher is trained with: the run's recipe, the teacher's seed and recipe overrides, and
+    vanilla CE, or, when the teacher config has `distill: {from, method}`, that method with `from` as its teacher."""
     tcfg = copy.deepcopy(cfg)
+    recipe = cfg.teacher.get("recipe") or {}
+    distill = cfg.teacher.get("distill")
     with open_dict(tcfg):
         tcfg.student = {"model": cfg.teacher.model, "label": cfg.teacher.label}
-        tcfg.method = {"name": "vanilla", "weights": {"ce": 1.0}}
+        if distill:
+            if not distill.get("from") or not distill.get("method"):
+                raise KDBenchError(f"teacher '{cfg.teacher.label}': teacher.distill needs both 'from' (a teacher "
+                                   f"config) and 'method' (a method config)")
+            tcfg.teacher = copy.deepcopy(distill["from"])
+            tcfg.method = copy.deepcopy(distill.method)
+            # This teacher's recipe overrides must not leak into how its own teacher is trained: pin the run's
+            # original values in the `from` teacher's recipe (its own recipe entries still win).
+            pinned = {k: OmegaConf.select(cfg, k) for k in recipe if OmegaConf.select(cfg, k) is not None}
+            tcfg.teacher.recipe = {**pinned, **(tcfg.teacher.get("recipe") or {})}
+        else:
+            tcfg.method = {"name": "vanilla", "weights": {"ce": 1.0}}
         tcfg.seed = cfg.teacher.seed
         tcfg.logger = {"name": "none"}
-        for key, value in (cfg.teacher.get("recipe") or {}).items():
+        for key, value in recipe.items():
             OmegaConf.update(tcfg, key, value, merge=False)
     return tcfg
 
@@ -75,5 +94,8 @@ def obtain_teacher(cfg: DictConfig, data, device: torch.device) -> tuple[TapMode
                                     f"delete {directory} and it will be retrained")
         load_reference_checkpoint(teacher, load_torch(weights, "stored teacher"))
         source = {"kind": "store", "path": str(weights), "sha256": meta["sha256"], "key": key}
+        if cfg.teacher.get("distill"):
+            source["distilled_from"] = str(tcfg.teacher.label)
+            source["distill_method"] = str(tcfg.method.get("label") or tcfg.method.name)
     teacher.to(device).eval().requires_grad_(False)
     return teacher, source
