@@ -29,11 +29,22 @@ WEIGHTS_FILE = "teacher.pt"
 META_FILE = "meta.json"
 
 
+def _leaves(tree: dict, prefix: str = "") -> dict:
+    """{"optim": {"lr": 0.01}} and {"optim.lr": 0.01} both -> {"optim.lr": 0.01}: recipe entries override leaves."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_leaves(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 def teacher_run_config(cfg: DictConfig) -> DictConfig:
     """The config the teacher is trained with: the run's recipe, the teacher's seed and recipe overrides, and
     vanilla CE, or, when the teacher config has `distill: {from, method}`, that method with `from` as its teacher."""
     tcfg = copy.deepcopy(cfg)
-    recipe = cfg.teacher.get("recipe") or {}
+    recipe = _leaves(OmegaConf.to_container(cfg.teacher.get("recipe") or {}, resolve=True))
     distill = cfg.teacher.get("distill")
     with open_dict(tcfg):
         tcfg.student = {"model": cfg.teacher.model, "label": cfg.teacher.label}

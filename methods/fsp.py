@@ -28,7 +28,7 @@ PROTOCOLS = ("reference", "paper")
 def fsp_matrix(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """(N, C_a, C_b) FSP matrix of two maps: the larger pooled to the smaller, then the HW-averaged outer product."""
     a, b = match_spatial(a, b)
-    n, h, w = a.shape[0], a.shape[-2], a.shape[-1]
+    h, w = a.shape[-2], a.shape[-1]
     return torch.bmm(a.flatten(2), b.flatten(2).transpose(1, 2)) / (h * w)
 
 

@@ -1,15 +1,22 @@
 """Shared fixtures: compose configs with Hydra's compose API and run jobs in a temp results root."""
 from __future__ import annotations
 
-from pathlib import Path
+import os
 
-import pytest
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # before torch loads: tiny test models gain nothing from threads
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import open_dict
 
 import kdbench.cli  # noqa: F401  (registers schemas and resolvers)
-from kdbench.cli import CONF_DIR
+from kdbench.cli import CONF_DIR  # noqa: E402
+
+torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_MNIST = REPO.parent / "shared" / "data"

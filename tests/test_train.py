@@ -131,3 +131,12 @@ def test_teacher_cache_gives_the_same_training_as_recomputing(run_job):
         assert a["train"] == pytest.approx(b["train"], rel=1e-4) and abs(a["test_top1"] - b["test_top1"]) <= 0.3
     augmented = run_job(*TINY_SYNTHETIC, "method=kd", "teacher=resnet8", "student=resnet8", name="augmented")
     assert augmented["teacher_cache"] is False  # random crops: each step's teacher output is new
+
+
+def test_teacher_recipe_overrides_only_the_named_leaves():
+    from kdbench.teachers import teacher_run_config
+
+    cfg = compose_config(["+teacher.recipe.optim.lr=0.01", "+teacher.recipe.trainer.epochs=7"])
+    tcfg = teacher_run_config(cfg)
+    assert (tcfg.optim.lr, tcfg.optim.momentum, tcfg.trainer.epochs) == (0.01, cfg.optim.momentum, 7)
+    assert tcfg.method.name == "vanilla" and tcfg.student.label == cfg.teacher.label
