@@ -44,7 +44,8 @@ def teacher_run_config(cfg: DictConfig) -> DictConfig:
     """The config the teacher is trained with: the run's recipe, the teacher's seed and recipe overrides, and
     vanilla CE, or, when the teacher config has `distill: {from, method}`, that method with `from` as its teacher."""
     tcfg = copy.deepcopy(cfg)
-    recipe = _leaves(OmegaConf.to_container(cfg.teacher.get("recipe") or {}, resolve=True))
+    recipe_cfg = cfg.teacher.get("recipe")
+    recipe = _leaves(OmegaConf.to_container(recipe_cfg, resolve=True)) if recipe_cfg else {}
     distill = cfg.teacher.get("distill")
     with open_dict(tcfg):
         tcfg.student = {"model": cfg.teacher.model, "label": cfg.teacher.label}
