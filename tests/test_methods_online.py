@@ -279,3 +279,19 @@ def test_smoke_tf_kd_self(run_job, tmp_path):
                      f"teacher.checkpoint={ckpt}")
     assert record["status"] == "completed" and record["teacher"] == "resnet8x4"
     assert set(record["history"][0]["train"]) == {"loss", "ce", "kd"}
+
+
+def test_ban_generations_chain_on_digits(run_job):
+    chain = ["teacher=mlp_32", "+teacher@teacher.distill.from=mlp_32", "+method@teacher.distill.method=ban",
+             "method=ban", "trainer.epochs=2", "trainer.progress=false"]
+    rec = run_job(*chain)
+    assert rec["status"] == "completed" and rec["method"] == "ban"
+    assert rec["teacher_source"]["distilled_from"] == "mlp_32" and rec["teacher_source"]["distill_method"] == "ban"
+
+
+def test_ban_experiment_composes():
+    from tests.conftest import compose_config
+
+    cfg = compose_config(["experiment=ban_cifar100"])
+    assert cfg.teacher.distill["from"].model.name == cfg.teacher.model.name == cfg.student.model.name == "resnet56"
+    assert cfg.method.label == cfg.teacher.distill.method.label == "ban" and cfg.method.temperature == 1.0
