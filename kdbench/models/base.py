@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from typing import Collection
 
+import math
+
 import torch
 from torch import nn
 
@@ -62,3 +64,19 @@ def probe_taps(model: TapModel, input_shape: Collection[int], taps: Collection[s
 
 def count_parameters(module: nn.Module, trainable_only: bool = True) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
+
+
+def init_conv_fan_out_linear_small(model: nn.Module) -> None:
+    """The VGG/MobileNetV2 reference init: conv N(0, sqrt(2 / (k*k*C_out))), BN 1/0, Linear N(0, 0.01), biases 0."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            fan = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
+            nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan))
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, 0.0, 0.01)
+            nn.init.zeros_(m.bias)

@@ -12,12 +12,11 @@ defines no preact for this network (mdistiller has no `preact_feats` for it).
 """
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 from torch import nn
 
-from kdbench.models.base import TapModel
+from kdbench.models.base import TapModel, init_conv_fan_out_linear_small
 from kdbench.models.registry import register_model
 
 
@@ -76,18 +75,7 @@ class MobileNetV2(TapModel):
         size = input_shape[1]
         # the reference: AvgPool2d(input_size // 16, ceil_mode=True) (asserts input_size % 32 == 0)
         self.avgpool = nn.AvgPool2d(size // 16, ceil_mode=True) if size % 32 == 0 else nn.AdaptiveAvgPool2d(1)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                fan = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
-                nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan))
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0.0, 0.01)
-                nn.init.zeros_(m.bias)
+        init_conv_fan_out_linear_small(self)
 
     def _forward_taps(self, x, taps):
         x = self.conv1(x)

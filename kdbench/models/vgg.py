@@ -10,13 +10,12 @@ output, before that ReLU), embedding (pooled 512), logits.
 """
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import torch.nn.functional as F
 from torch import nn
 
-from kdbench.models.base import TapModel
+from kdbench.models.base import TapModel, init_conv_fan_out_linear_small
 from kdbench.models.registry import register_model
 
 CONFIGS: dict[str, list[list[int]]] = {
@@ -53,18 +52,7 @@ class VGG(TapModel):
         self.pool3 = nn.MaxPool2d(2, 2)
         self.pool4 = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Linear(in_channels, num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                fan = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
-                nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan))
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0.0, 0.01)
-                nn.init.zeros_(m.bias)
+        init_conv_fan_out_linear_small(self)
 
     def _forward_taps(self, x, taps):
         h = x.shape[2]
