@@ -38,6 +38,7 @@ class OptimConfig:
     nesterov: bool = False
     weight_decay: float = 5e-4
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    max_norm: Optional[float] = None  # cap on each unit's incoming-weight L2 norm (Hinton 2012 dropout nets)
 
 
 @dataclass

@@ -81,3 +81,14 @@ def backward_step(optimizer: torch.optim.Optimizer, total: torch.Tensor, task: t
     else:
         total.backward()
         optimizer.step()
+
+
+@torch.no_grad()
+def apply_max_norm(optimizer: torch.optim.Optimizer, max_norm: float) -> None:
+    """Hinton et al. 2012's weight constraint: rescale each unit's incoming weight vector to L2 norm <= max_norm
+    after every update (every parameter with >= 2 dims, one row per output unit; biases are left alone)."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if p.dim() >= 2:
+                norms = p.flatten(1).norm(dim=1).clamp_min(1e-12)
+                p.mul_((max_norm / norms).clamp(max=1.0).view(-1, *[1] * (p.dim() - 1)))

@@ -65,6 +65,9 @@ def teacher_run_config(cfg: DictConfig) -> DictConfig:
         tcfg.logger = {"name": "none"}
         for key, value in recipe.items():
             OmegaConf.update(tcfg, key, value, merge=False)
+        if not distill:
+            # Applied above; keeping it would make two recipes that produce the same job store two teachers.
+            tcfg.teacher.recipe = {}
     return tcfg
 
 

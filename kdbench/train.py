@@ -26,7 +26,7 @@ from kdbench.errors import KDBenchError, NonFiniteLoss
 from kdbench.io import config_hash, load_torch, save_torch
 from kdbench.loggers import create_logger
 from kdbench.models import TapModel, count_parameters, create_model, probe_taps
-from kdbench.optim import backward_step, build_optimizer
+from kdbench.optim import apply_max_norm, backward_step, build_optimizer
 from kdbench.record import RunRecord
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -46,9 +46,15 @@ def semantic_config(cfg: DictConfig) -> dict:
     return data
 
 
+def dataset_label(ds: DictConfig) -> str:
+    """The dataset as leaderboards name it: a transfer set without some classes is its own dataset (mnist-no3)."""
+    excluded = "".join(str(c) for c in sorted(ds.get("exclude_train_classes") or []))
+    return f"{ds.name}-no{excluded}" if excluded else str(ds.name)
+
+
 def labels_of(cfg: DictConfig) -> dict:
     needs_teacher = method_class(cfg.method.name).needs_teacher
-    return {"dataset": cfg.dataset.name, "teacher": cfg.teacher.label if needs_teacher else None,
+    return {"dataset": dataset_label(cfg.dataset), "teacher": cfg.teacher.label if needs_teacher else None,
             "student": cfg.student.label, "method": cfg.method.get("label") or cfg.method.name}
 
 
@@ -147,6 +153,7 @@ class Evaluation:
     errors: int
     loss: float
     n: int
+    class_errors: list[int]  # misclassified test samples per true class
 
 
 @torch.no_grad()
@@ -154,14 +161,18 @@ def evaluate(model: TapModel, loader, precision: str = "fp32") -> Evaluation:
     was_training = model.training
     model.eval()
     correct = loss = n = 0
+    class_errors = None
     for batch in loader.epoch():
         with autocast(batch.inputs.device, precision):
             logits = model(batch.inputs)
-        correct += (logits.argmax(1) == batch.targets).sum().item()
+        hit = logits.argmax(1) == batch.targets
+        correct += hit.sum().item()
         loss += F.cross_entropy(logits.float(), batch.targets, reduction="sum").item()
+        wrong = torch.bincount(batch.targets[~hit], minlength=logits.shape[1])
+        class_errors = wrong if class_errors is None else class_errors + wrong
         n += len(batch)
     model.train(was_training)
-    return Evaluation(100.0 * correct / n, n - correct, loss / n, n)
+    return Evaluation(100.0 * correct / n, n - correct, loss / n, n, class_errors.tolist())
 
 
 def teacher_forward(teacher: TapModel, inputs: torch.Tensor, taps) -> dict[str, torch.Tensor]:
@@ -206,7 +217,8 @@ LossFn = Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]
 
 def train_epoch(student: TapModel, method: Method, teacher: Optional[TapModel], loader, optimizer, loss_fn: LossFn,
                 student_taps, teacher_taps, seed: int, epoch: int, precision: str, forward=None,
-                teacher_cache: Optional[TeacherCache] = None, task_weight: float = 0.0) -> dict[str, float]:
+                teacher_cache: Optional[TeacherCache] = None, task_weight: float = 0.0,
+                max_norm: Optional[float] = None) -> dict[str, float]:
     """One pass over the training data; returns the sample-weighted mean of every loss term."""
     student.train()
     method.train()
@@ -226,6 +238,8 @@ def train_epoch(student: TapModel, method: Method, teacher: Optional[TapModel], 
             total, terms = loss_fn(batch, s_out, t_out)
         optimizer.zero_grad(set_to_none=True)
         backward_step(optimizer, total, task_weight * terms["ce"] if task_weight else None)
+        if max_norm:
+            apply_max_norm(optimizer, max_norm)
         for name, value in (("loss", total), *terms.items()):
             sums[name] = sums.get(name, 0.0) + value.detach().float() * len(batch)
         n += len(batch)
@@ -286,13 +300,13 @@ def fit(cfg: DictConfig, student: TapModel, method: Method, teacher: Optional[Ta
         train_stats = train_epoch(student, method, teacher, data.train_loader, optimizer,
                                   lambda b, s, t: method.loss(b, s, t, epoch), method.student_taps,
                                   method.teacher_taps, seed, epoch, tr.precision, forward, teacher_cache,
-                                  method.term_weights(epoch).get("ce", 0.0))
+                                  method.term_weights(epoch).get("ce", 0.0), cfg.optim.get("max_norm"))
         ev = evaluate(student, data.test_loader, tr.precision)
         history.append({"epoch": epoch, "lr": lr, "train": train_stats, "test_top1": ev.top1, "test_errors": ev.errors,
                         "test_loss": ev.loss, "seconds": round(time.time() - t0, 3)})
         save_torch(ckpt_path, {"epoch": epoch, "stages_done": stages_done, "student": student.state_dict(),
                                "method": method.state_dict(), "optimizer": optimizer.state_dict(), "history": history})
-        record.update(history=history, **_summary(history))
+        record.update(history=history, last_class_errors=ev.class_errors, **_summary(history))
         logger.log({"lr": lr, "test/top1": ev.top1, "test/loss": ev.loss, **{f"train/{k}": v for k, v in train_stats.items()}}, step=epoch)
         bar.set_postfix(top1=f"{ev.top1:.2f}", loss=f"{train_stats['loss']:.3f}")
 
