@@ -5,6 +5,7 @@ completed runs by dataset/teacher/student/method/setting over seeds (mean, std, 
 joins results/paper/*.csv on dataset/teacher/student/method, and compares like with like: last-epoch means with
 last-epoch tables, best-epoch with best-epoch, accuracy or error counts as the paper reports them.
 The tolerance per cell is max(2 * std of our seeds, a per-dataset floor) and is shown beside each cell.
+Metrics: top1 (accuracy %), test_errors (misclassified test samples), test_errors_class<k> (those of true class k).
 """
 from __future__ import annotations
 
@@ -60,9 +61,10 @@ def load_records(paths) -> pd.DataFrame:
         rows.append({**{k: rec.get(k) or "" for k in KEYS}, "setting": _setting(rec.get("overrides")),
                      "seed": rec.get("seed"), "status": rec.get("status"), "last_top1": rec.get("last_top1"),
                      "best_top1": rec.get("best_top1"), "n_test": rec.get("n_test"), "error": rec.get("error"),
-                     "epochs_done": rec.get("epochs_done"), "path": str(path.parent)})
+                     "epochs_done": rec.get("epochs_done"), "last_class_errors": rec.get("last_class_errors"),
+                     "path": str(path.parent)})
     return pd.DataFrame(rows, columns=[*KEYS, "setting", "seed", "status", "last_top1", "best_top1", "n_test",
-                                       "error", "epochs_done", "path"])
+                                       "error", "epochs_done", "last_class_errors", "path"])
 
 
 def load_paper(paper_dir: Path = PAPER_DIR) -> pd.DataFrame:
@@ -83,11 +85,26 @@ def leaderboard(records: pd.DataFrame, paper: pd.DataFrame | None = None) -> pd.
                   best_mean=("best_top1", "mean"), best_std=("best_top1", "std"), n_test=("n_test", "max"))
              .reset_index())
     board[["last_std", "best_std"]] = board[["last_std", "best_std"]].fillna(0.0)
+    stats = done.groupby([*KEYS, "setting"], dropna=False)["last_class_errors"].agg(_class_stats)
+    board["class_errors_mean"], board["class_errors_std"] = zip(*(stats[tuple(k)] for k in board[[*KEYS, "setting"]].values))
     if paper is None or paper.empty:
         return board
     board = board.merge(paper[[*KEYS, "paper", "table", "metric", "value", "protocol", "runs", "source"]],
                         on=KEYS, how="left")
     return board.apply(_diff, axis=1)
+
+
+def _class_stats(lists: pd.Series) -> tuple:
+    """Per-class mean and std of last-epoch test errors over seeds; (None, None) if any record lacks them."""
+    if not all(isinstance(v, list) for v in lists):
+        return None, None
+    table = pd.DataFrame(list(lists))
+    return table.mean().tolist(), table.std().fillna(0.0).tolist()
+
+
+def tolerance_floor(dataset: str) -> float:
+    """mnist-no3 (a transfer set without 3s) is judged like mnist."""
+    return TOLERANCE_FLOOR.get(dataset.split("-")[0], DEFAULT_FLOOR)
 
 
 def _diff(row: pd.Series) -> pd.Series:
@@ -96,10 +113,16 @@ def _diff(row: pd.Series) -> pd.Series:
         return row
     best = str(row["protocol"]).startswith("best")
     mean, std = (row["best_mean"], row["best_std"]) if best else (row["last_mean"], row["last_std"])
-    tol = max(2 * std, TOLERANCE_FLOOR.get(row["dataset"], DEFAULT_FLOOR))
+    tol = max(2 * std, tolerance_floor(row["dataset"]))
+    scale = row["n_test"] / 100.0
     if row["metric"] == "test_errors":  # error counts out of the test set
-        scale = row["n_test"] / 100.0
         ours, tol = (100.0 - mean) * scale, tol * scale
+    elif str(row["metric"]).startswith("test_errors_class"):  # errors on the test samples of one class
+        k = int(row["metric"][len("test_errors_class"):])
+        if row["class_errors_mean"] is None or best:
+            return row  # records without per-class counts, or a best-epoch table: nothing comparable
+        ours = row["class_errors_mean"][k]
+        tol = max(2 * row["class_errors_std"][k], tolerance_floor(row["dataset"]) * scale)
     else:
         ours = mean
     row["ours"], row["delta"], row["tol"] = ours, ours - row["value"], tol

@@ -1,4 +1,6 @@
 """DOT against its update rule worked out by hand for one parameter over two steps."""
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -34,3 +36,24 @@ def test_dot_parameter_with_only_distillation_gradient_uses_plain_momentum_and_d
 def test_kd_with_dot_trains_end_to_end(run_job):
     rec = run_job("trainer.epochs=2", "trainer.progress=false", "teacher=mlp_32", "method=kd", "optim=dot")
     assert rec["status"] == "completed" and rec["last_top1"] > 50
+
+
+def test_max_norm_rescales_only_rows_over_the_cap():
+    from kdbench.optim import apply_max_norm
+
+    weight = torch.nn.Parameter(torch.tensor([[3.0, 4.0], [0.6, 0.8]]))  # row norms 5 and 1
+    bias = torch.nn.Parameter(torch.tensor([10.0, -10.0]))
+    apply_max_norm(torch.optim.SGD([weight, bias], lr=0.1), max_norm=2.0)
+    assert torch.allclose(weight, torch.tensor([[1.2, 1.6], [0.6, 0.8]]))  # 5 -> 2 (x0.4); 1 stays
+    assert torch.equal(bias, torch.tensor([10.0, -10.0]))  # biases are not constrained
+
+
+def test_max_norm_holds_after_training(run_job):
+    rec = run_job("method=vanilla", "student=mlp_32", "optim.lr=0.5", "optim.max_norm=0.5", "trainer.epochs=1",
+                  "trainer.progress=false")
+    from kdbench.io import load_torch
+
+    state = load_torch(Path(rec["config"]["paths"]["root"]) / "job" / "checkpoint.pt", "checkpoint")["student"]
+    for name, value in state.items():
+        if value.dim() >= 2:
+            assert value.flatten(1).norm(dim=1).max() <= 0.5 + 1e-5, name
