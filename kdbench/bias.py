@@ -83,7 +83,7 @@ def correct_run(run_dir: Path, cls: int, grid=DEFAULT_GRID) -> dict:
     derived = RunRecord.start(run_dir / f"bias{cls}", config=rec["config"], config_hash=rec["config_hash"],
                               labels={**labels, "method": f"{rec['method']}+bias{cls}"}, seed=rec["seed"],
                               overrides=rec.get("overrides", []))
-    derived.update(derived_from=str(run_dir), n_test=n, epochs_done=rec.get("epochs_done"), last_top1=top1,
+    derived.update(derived_from=str(run_dir), device=str(device), n_test=n, epochs_done=rec.get("epochs_done"), last_top1=top1,
                    best_top1=top1, last_errors=errors, last_class_errors=class_errors,
                    bias_correction={"class": cls, "shift": shift, "chosen_on": "training set, all classes",
                                     "grid": [grid[0], grid[-1], len(grid)],

@@ -4,6 +4,7 @@ A crash, a NaN or Ctrl-C leaves a record with status failed/interrupted and ever
 """
 from __future__ import annotations
 
+import os
 import platform
 import socket
 import sys
@@ -19,6 +20,17 @@ import kdbench
 from kdbench.io import ensure_writable_dir, git_sha, write_json
 
 RECORD_FILE = "metrics.json"
+
+
+def hardware() -> dict:
+    """What a number was measured on: CPU model and threads, and the GPU if one is visible."""
+    cpu = platform.processor()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
 
 
 def _now() -> str:
@@ -49,6 +61,7 @@ class RunRecord:
                          "torchvision": torchvision.__version__, "python": platform.python_version()},
             "git_sha": git_sha(),
             "host": socket.gethostname(),
+            "hardware": hardware(),
             "argv": sys.argv,
             "config": config,
         })

@@ -1,0 +1,218 @@
+"""The published results table: results/README.md, per-table leaderboards and ours-vs-paper plots, generated
+from the run records committed under results/<table>/records/ (never written by hand).
+
+    python -m kdbench.publish collect <table> <run or sweep dir>...   # copy the runs' metrics.json into results/
+    python -m kdbench.publish                                         # regenerate results/README.md and friends
+
+`collect` copies only the records (not checkpoints) and keeps each one's path below the given dir, so a teacher
+store's training records (`<store>/<label>-<key>/train/metrics.json`) can be collected beside the sweeps.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pandas as pd
+from omegaconf import OmegaConf
+
+from kdbench.record import RECORD_FILE
+from kdbench.report import build_report, display_table, find_records, leaderboard, load_paper, load_records, to_markdown
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "results"
+EXPERIMENTS = REPO / "conf" / "experiment"
+README = "README.md"
+PLOT = "vs_paper.png"
+
+
+def collect(table: str, dirs, results: Path = RESULTS) -> list[Path]:
+    """Copy every metrics.json below `dirs` into results/<table>/records/<dir name>/<relative path>."""
+    copied = []
+    for d in map(Path, dirs):
+        for src in find_records([d]):
+            dst = results / table / "records" / d.name / src.relative_to(d)
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, dst)
+            copied.append(dst)
+    return copied
+
+
+def tables(results: Path = RESULTS) -> list[Path]:
+    return sorted(p for p in results.iterdir() if (p / "records").is_dir())
+
+
+def _raw_records(table: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in find_records([table / "records"])]
+
+
+def _commands(records: list[dict]) -> list[str]:
+    """How the records were produced, from each one's argv (the teacher store's records carry their sweep's)."""
+    seen = {}
+    for rec in records:
+        argv = rec.get("argv") or []
+        if not argv:
+            continue
+        prog = Path(argv[0]).name
+        cmd = ("python -m kdbench.bias" if prog == "bias.py" else "kdbench" if prog in ("kdbench", "-c") else prog)
+        seen.setdefault(" ".join([cmd, *argv[1:]]), None)
+    return list(seen)
+
+
+def _experiments(records: list[dict]) -> set[str]:
+    return {o.split("=", 1)[1] for rec in records for o in rec.get("overrides") or [] if o.startswith("experiment=")}
+
+
+def _provenance(records: list[dict]) -> list[str]:
+    hw = {json.dumps(rec.get("hardware") or {"device": rec.get("device"), "host": rec.get("host")}, sort_keys=True)
+          for rec in records}
+    versions = {json.dumps(rec.get("versions") or {}, sort_keys=True) for rec in records}
+    shas = sorted({(rec.get("git_sha") or "?")[:7] for rec in records})
+    dates = sorted(rec.get("started_at", "")[:10] for rec in records if rec.get("started_at"))
+    devices = sorted({str(rec.get("device")) for rec in records})
+    lines = [f"- runs: {len(records)} records ({sum(r.get('status') == 'completed' for r in records)} completed), "
+             f"{dates[0] if dates else '?'} to {dates[-1] if dates else '?'}, git {', '.join(shas)}",
+             f"- device: {', '.join(devices)}; hardware: " + "; ".join(_hw_text(json.loads(h)) for h in sorted(hw)),
+             "- versions: " + "; ".join(", ".join(f"{k} {v}" for k, v in json.loads(v).items()) for v in sorted(versions))]
+    return lines
+
+
+def _hw_text(hw: dict) -> str:
+    if "cpu" not in hw:
+        return f"{hw.get('device')} on {hw.get('host')} (recorded before hardware details were)"
+    text = f"{hw['cpu']} ({hw['cpu_count']} cores, {hw['torch_threads']} torch threads)"
+    return text + (f", {hw['gpu']}" if hw.get("gpu") else "")
+
+
+def plot_vs_paper(board: pd.DataFrame, path: Path, title: str) -> bool:
+    """One point per paper cell: ours minus paper, with the report's tolerance as the error bar. False if no cell."""
+    if board.empty or "delta" not in board or board["delta"].isna().all():
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cells = board[board["delta"].notna()].copy()
+    cells["unit"] = ["test errors" if str(m).startswith("test_errors") else "top-1 points" for m in cells["metric"]]
+    groups = list(cells.groupby("unit", sort=True))
+    heights = [max(1.5, 0.32 * len(g) + 0.9) for _, g in groups]
+    fig, axes = plt.subplots(len(groups), 1, figsize=(9, sum(heights)), squeeze=False,
+                             gridspec_kw={"height_ratios": heights})
+    for ax, (unit, g) in zip(axes[:, 0], groups):
+        labels = [f"{r.dataset} {r.teacher or '—'}→{r.student} {r.method} [{r.metric}, n={r.n}]" for r in g.itertuples()]
+        y = range(len(g))
+        colors = ["tab:green" if w else "tab:red" for w in g["within"]]
+        ax.errorbar(g["delta"], y, xerr=g["tol"], fmt="none", ecolor="0.6", capsize=3)
+        ax.scatter(g["delta"], y, c=colors, zorder=3)
+        for yi, (ours, paper) in zip(y, zip(g["ours"], g["value"])):
+            ax.annotate(f"ours {ours:.1f} / paper {paper:g}", (0, yi), xytext=(4, 4), textcoords="offset points",
+                        fontsize=7, color="0.3", xycoords=("axes fraction", "data"))
+        ax.axvline(0, color="k", lw=0.8)
+        ax.set_yticks(list(y), labels, fontsize=8)
+        ax.set_xlabel(f"ours − paper ({unit}); bar = tolerance, green = within")
+        ax.invert_yaxis()
+    axes[0, 0].set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def _configured_not_run(run_experiments: set[str]) -> list[str]:
+    """One line per conf/experiment entry with no committed records: its sweep size and what it needs."""
+    lines = []
+    for path in sorted(EXPERIMENTS.glob("*.yaml")):
+        name = path.stem
+        if name in run_experiments:
+            continue
+        conf = OmegaConf.load(path)
+        params = OmegaConf.to_container(conf.get("hydra", {}) or {}).get("sweeper", {}).get("params", {})
+        jobs = 1
+        for values in params.values():
+            jobs *= len(str(values).split(","))
+        dataset = _default_choice(conf, "dataset") or "?"
+        summary = next((line[2:].strip() for line in path.read_text().splitlines()
+                        if line.startswith("# ") and "@package" not in line), "")
+        needs = "GPU recommended; CIFAR downloads with dataset.download=true" if dataset.startswith("cifar") else "CPU"
+        lines.append(f"| `{name}` | {dataset} | {jobs} | {needs} | {summary} |")
+    if not lines:
+        return []
+    return ["| experiment | dataset | jobs | needs | what |", "|---|---|---|---|---|", *lines]
+
+
+def _default_choice(conf, group: str) -> str | None:
+    """The option an experiment file picks for a config group (`- override /dataset: cifar100`)."""
+    for item in conf.get("defaults") or []:
+        if hasattr(item, "items"):
+            for key, value in item.items():
+                if key.split()[-1].lstrip("/") == group:
+                    return str(value)
+    return None
+
+
+def publish(results: Path = RESULTS, paper_dir: Path | None = None) -> str:
+    """Regenerate every table's leaderboard and plot, and results/README.md; return the README text."""
+    paper_dir = paper_dir or results / "paper"
+    paper = load_paper(paper_dir)
+    parts = ["# kdbench results",
+             "",
+             "Generated by `python -m kdbench.publish` from the run records committed under `results/<table>/records/`; "
+             "do not edit by hand. Every number below is the mean ± std over the listed seeds (n), last epoch and "
+             "best epoch; the paper columns compare in the paper's own protocol and metric, with the tolerance "
+             "max(2·std, dataset floor) (see `kdbench/report.py`). Published numbers: `results/paper/`.",
+             ""]
+    ran: set[str] = set()
+    for table in tables(results):
+        records = _raw_records(table)
+        ran |= _experiments(records)
+        build_report([table / "records"], table, paper_dir, title=f"kdbench — {table.name}")
+        board = leaderboard(load_records([table / "records"]), paper)
+        has_plot = plot_vs_paper(board, table / PLOT, f"{table.name}: ours vs paper")
+        parts += [f"## {table.name}", ""]
+        cmds = _commands(records)
+        if cmds:
+            parts += ["Commands (as recorded):", "", "```", *cmds, "```", ""]
+        parts += [*_provenance(records), ""]
+        parts += [to_markdown(display_table(board)) if not board.empty else "_no completed runs_", ""]
+        if has_plot:
+            parts += [f"![{table.name}: ours vs paper]({table.name}/{PLOT})", ""]
+        parts += [f"Files: [`{table.name}/leaderboard.csv`]({table.name}/leaderboard.csv), "
+                  f"[records]({table.name}/records/).", ""]
+    pending = _configured_not_run(ran)
+    if pending:
+        parts += ["## Configured, not yet run here", "",
+                  "Each reproduces a published table with its recipe (`kdbench experiment=<name>`; "
+                  "`kdbench experiment=<name> dry_run=true` lists the jobs and their cost). They need the dataset "
+                  "and, at CIFAR scale, a GPU.", "", *pending, ""]
+    text = "\n".join(parts)
+    (results / README).write_text(text)
+    return text
+
+
+def main(argv=None) -> int:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--results", type=Path, default=RESULTS, help="the results dir (default: the repo's)")
+    parser = argparse.ArgumentParser(prog="python -m kdbench.publish", description=__doc__.splitlines()[0],
+                                     parents=[common])
+    sub = parser.add_subparsers(dest="command")
+    c = sub.add_parser("collect", help="copy run records into results/<table>/records/", parents=[common])
+    c.add_argument("table")
+    c.add_argument("dirs", nargs="+", type=Path)
+    args = parser.parse_args(argv)
+    if args.command == "collect":
+        missing = [str(d) for d in args.dirs if not d.exists()]
+        if missing:
+            parser.error(f"no such directory: {', '.join(missing)}")
+        copied = collect(args.table, args.dirs, args.results)
+        print(f"copied {len(copied)} records into {args.results / args.table / 'records'}")
+        return 0
+    publish(args.results)
+    print(f"wrote {args.results / README}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
