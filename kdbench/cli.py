@@ -35,12 +35,19 @@ register_schemas()
 
 
 class ReportCallback(Callback):
-    """Print and save the sweep's leaderboard when a multirun ends."""
+    """Print and save the sweep's leaderboard when a multirun ends (a dry run's totals instead)."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        if config.get("dry_run"):
+            from kdbench.plan import format_totals, load_plans
+
+            plans = load_plans(sweep_dir)
+            print("\n" + format_totals(plans, config.dry_run_tflops))
+            _sweep_failures.extend(str(p["job"]) for p in plans if "error" in p)
+            return
         from kdbench.report import build_report, load_records
 
-        sweep_dir = Path(config.hydra.sweep.dir)
         print("\n" + build_report([sweep_dir], sweep_dir, title=f"kdbench leaderboard — {sweep_dir}"))
         print(f"\n(records and leaderboard.md/.csv/.html in {sweep_dir})")
         records = load_records([sweep_dir])
@@ -53,10 +60,18 @@ def _job(cfg: DictConfig):
 
     hc = HydraConfig.get()
     out_dir = Path(hc.runtime.output_dir)
+    multirun = hc.mode == RunMode.MULTIRUN
     try:
+        if cfg.dry_run:
+            from kdbench.plan import dry_run_job, format_totals
+
+            plan = dry_run_job(cfg, out_dir, hc.job.num if multirun else None)
+            if not multirun:
+                print(format_totals([plan], cfg.dry_run_tflops))
+            return None
         record = run(cfg, out_dir, tuple(hc.overrides.task))
     except Exception as err:
-        if hc.mode != RunMode.MULTIRUN:
+        if not multirun:
             raise
         detail = str(err) if isinstance(err, KDBenchError) else f"{type(err).__name__}: {err}"
         log.error("job %s failed: %s (record kept in %s)", hc.job.num, detail, out_dir)
@@ -78,7 +93,8 @@ def main() -> None:
         sys.exit(report_main(sys.argv[2:]))
     _job()
     if _sweep_failures:
-        print(f"kdbench: {len(_sweep_failures)} job(s) did not complete; see their metrics.json", file=sys.stderr)
+        print(f"kdbench: {len(_sweep_failures)} job(s) did not complete; see their metrics.json "
+              "(plan.json in a dry run)", file=sys.stderr)
         sys.exit(1)
 
 

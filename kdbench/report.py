@@ -89,9 +89,14 @@ def leaderboard(records: pd.DataFrame, paper: pd.DataFrame | None = None) -> pd.
     board["class_errors_mean"], board["class_errors_std"] = zip(*(stats[tuple(k)] for k in board[[*KEYS, "setting"]].values))
     if paper is None or paper.empty:
         return board
-    board = board.merge(paper[[*KEYS, "paper", "table", "metric", "value", "protocol", "runs", "source"]],
-                        on=KEYS, how="left")
-    return board.apply(_diff, axis=1)
+    columns = [*KEYS, "paper", "table", "metric", "value", "protocol", "runs", "source"]
+    board = board.merge(paper[columns], on=KEYS, how="left").apply(_diff, axis=1)
+    # The paper's other cells on the same datasets: a partly run table shows what is still missing (n = 0).
+    ran = set(map(tuple, board[KEYS].values))
+    missing = paper[paper["dataset"].isin(board["dataset"]) & ~paper[KEYS].apply(tuple, axis=1).isin(ran)]
+    if missing.empty:
+        return board
+    return pd.concat([board, missing[columns].assign(setting="", n=0)], ignore_index=True)
 
 
 def _class_stats(lists: pd.Series) -> tuple:
@@ -131,7 +136,7 @@ def _diff(row: pd.Series) -> pd.Series:
 
 
 def _pm(mean, std) -> str:
-    return f"{mean:.2f} ± {std:.2f}"
+    return "not run" if pd.isna(mean) else f"{mean:.2f} ± {std:.2f}"
 
 
 def _fmt(x, digits=2) -> str:
@@ -152,10 +157,11 @@ def display_table(board: pd.DataFrame) -> pd.DataFrame:
         out["protocol"] = board["protocol"].where(has, "")
         out["metric"] = board["metric"].where(has, "")
         out["paper value"] = [f"{v:g}" if ok else "" for v, ok in zip(board["value"], has)]
-        out["ours"] = [f"{v:.2f}" if ok else "" for v, ok in zip(board.get("ours", board["value"]), has)]
-        out["Δ vs paper"] = [f"{v:+.2f}" if ok else "" for v, ok in zip(board.get("delta", board["value"]), has)]
-        out["tol"] = [f"±{v:.2f}" if ok else "" for v, ok in zip(board.get("tol", board["value"]), has)]
-        out["ok"] = ["✓" if w is True else "✗" if ok else "" for w, ok in zip(board.get("within", has), has)]
+        ours = board.get("ours", pd.Series(float("nan"), index=board.index)).notna()
+        out["ours"] = [f"{v:.2f}" if ok else "" for v, ok in zip(board.get("ours", board["value"]), ours)]
+        out["Δ vs paper"] = [f"{v:+.2f}" if ok else "" for v, ok in zip(board.get("delta", board["value"]), ours)]
+        out["tol"] = [f"±{v:.2f}" if ok else "" for v, ok in zip(board.get("tol", board["value"]), ours)]
+        out["ok"] = ["✓" if w is True else "✗" if ok else "" for w, ok in zip(board.get("within", ours), ours)]
     return out.sort_values(["dataset", "teacher", "student", "method", "setting"], kind="stable").reset_index(drop=True)
 
 

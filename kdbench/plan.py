@@ -1,0 +1,194 @@
+"""Dry runs (`dry_run=true`): what each job of a sweep would train and roughly what it costs, before any GPU time.
+
+A job's plan needs no data and trains nothing: train-set sizes come from a table, forward FLOPs from one
+batch-1 forward of the freshly built model under torch's FlopCounterMode, and whether a teacher must be trained
+first from the teacher store's meta.json. Each job writes its plan to `plan.json` in its output dir, so the
+sweep's totals can be summed at the end whichever launcher ran the jobs (in-process or in workers).
+
+Cost model (training FLOPs, the usual 3x forward for forward + backward):
+  student   3 x forward x samples x epochs
+  teacher   forward x samples x (1 when its outputs are cached, else epochs)
+  training  a teacher not yet in the store costs its own job's plan (its recipe, via teacher_run_config),
+            recursively for teaching-assistant chains, counted once per store entry across the sweep
+"""
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from pathlib import Path
+from typing import Optional
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.flop_counter import FlopCounterMode
+
+from kdbench.distill import method_class
+from kdbench.errors import KDBenchError
+from kdbench.io import config_hash, write_json
+from kdbench.models import create_model
+from kdbench.teachers import META_FILE, teacher_run_config
+from kdbench.train import labels_of, semantic_config
+
+PLAN_FILE = "plan.json"
+# Training-set sizes before train_size / exclude_train_classes, so that planning never needs the data.
+# digits: kdbench's stratified 80/20 split of scikit-learn's 1797 images (kdbench.data.datasets._digits).
+TRAIN_SIZES = {"cifar10": 50_000, "cifar100": 50_000, "mnist": 60_000, "digits": 1_437}
+SYNTHETIC_DEFAULT_SIZE = 1_000  # kdbench.data.datasets._synthetic without dataset.train_size
+FOOTNOTE = ("Estimate: training = 3 x forward FLOPs (torch FlopCounterMode: convolutions and matmuls) per sample "
+            "and epoch; the teacher's forward once per sample when its outputs are cached (no augmentation), else "
+            "every epoch. Not counted: method heads/embeddings and pre-training stages, test-set evaluation, the "
+            "teacher cache's memory limit. exclude_train_classes is approximated as 1/num_classes of the training "
+            "set per excluded class.")
+
+
+def train_samples(ds: DictConfig) -> int:
+    """The number of training samples load_splits would give, from known set sizes (no data needed)."""
+    if ds.name == "synthetic":
+        full = ds.train_size or SYNTHETIC_DEFAULT_SIZE
+    elif ds.name in TRAIN_SIZES:
+        full = TRAIN_SIZES[ds.name]
+    else:
+        raise KDBenchError(f"dry run: no known training-set size for dataset '{ds.name}'; add it to "
+                           f"kdbench.plan.TRAIN_SIZES")
+    kept = round(full * (1 - len(ds.exclude_train_classes or []) / ds.num_classes))
+    if ds.train_size is not None and ds.name != "synthetic":
+        kept = min(kept, ds.train_size)
+    return kept
+
+
+@lru_cache(maxsize=None)
+def _forward_flops(model_json: str, num_classes: int, input_shape: tuple[int, ...]) -> int:
+    kwargs = json.loads(model_json)
+    if "weights" in kwargs:
+        kwargs["weights"] = None  # the FLOPs do not depend on pretrained weights; never download them
+    model = create_model(kwargs.pop("name"), num_classes=num_classes, input_shape=input_shape, **kwargs).eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(torch.zeros(1, *input_shape))
+    return int(counter.get_total_flops())
+
+
+def forward_flops(model_cfg: DictConfig, ds: DictConfig) -> int:
+    """FLOPs of one sample's forward pass (eval mode), cached per (model config, classes, input shape)."""
+    model_json = json.dumps(OmegaConf.to_container(model_cfg, resolve=True), sort_keys=True)
+    return _forward_flops(model_json, int(ds.num_classes), tuple(ds.image_shape))
+
+
+def teacher_outputs_cached(cfg: DictConfig) -> bool:
+    """The config-decided conditions of train.cached_teacher: no augmentation, teacher in eval mode, cache on."""
+    method_mode = cfg.method.get("teacher_train_mode", method_class(cfg.method.name).teacher_train_mode)
+    ds = cfg.dataset
+    return bool(cfg.trainer.teacher_cache) and not ds.crop_padding and not ds.hflip and not method_mode
+
+
+def plan_job(cfg: DictConfig) -> dict:
+    """The job's labels, epochs and FLOPs, and how its teacher is obtained (with the plan of its training when
+    it is not in the store yet). The job's own `flops` leave out teacher training, which sweeps count once."""
+    ds = cfg.dataset
+    labels = labels_of(cfg)
+    samples, epochs = train_samples(ds), int(cfg.trainer.epochs)
+    plan = {"labels": labels, "seed": int(cfg.seed), "epochs": epochs, "samples": samples,
+            "flops": 3 * forward_flops(cfg.student.model, ds) * samples * epochs, "teacher": None}
+    if labels["teacher"] is None:
+        return plan
+    cached = teacher_outputs_cached(cfg)
+    plan["flops"] += forward_flops(cfg.teacher.model, ds) * samples * (1 if cached else epochs)
+    teacher = plan["teacher"] = {"label": labels["teacher"], "cached": cached}
+    if cfg.teacher.checkpoint:
+        teacher.update(source="checkpoint", path=str(cfg.teacher.checkpoint))
+        return plan
+    teacher_cfg = teacher_run_config(cfg)
+    key = f"{cfg.teacher.label}-{config_hash(semantic_config(teacher_cfg))}"
+    stored = (Path(cfg.paths.teacher_store) / key / META_FILE).exists()
+    teacher.update(source="store" if stored else "train", key=key)
+    if not stored:
+        teacher["training"] = plan_job(teacher_cfg)
+    return plan
+
+
+def teachers_to_train(plan: dict) -> list[dict]:
+    """The store entries a job would train before it starts, deepest link of a chain first."""
+    teacher = plan["teacher"]
+    if not teacher or "training" not in teacher:
+        return []
+    training = teacher["training"]
+    return [*teachers_to_train(training), {"key": teacher["key"], "label": teacher["label"],
+                                           "method": training["labels"]["method"], "epochs": training["epochs"],
+                                           "flops": training["flops"]}]
+
+
+def _cost(flops: float, tflops: float) -> str:
+    return f"{flops / 1e15:.3g} PFLOP ≈ {flops / (tflops * 1e12) / 3600:.3g} h"
+
+
+def _chain_start(plan: dict) -> str:
+    """How the deepest teacher to train gets its own teacher: '' for vanilla, 'X (in store) -> ' for a TA."""
+    training = plan["teacher"]["training"]
+    while training["teacher"] is not None and "training" in training["teacher"]:
+        training = training["teacher"]["training"]
+    teacher = training["teacher"]
+    if teacher is None:
+        return ""
+    return f"{teacher['label']} ({'in store' if teacher['source'] == 'store' else 'checkpoint'}) -> "
+
+
+def _teacher_note(plan: dict, tflops: float) -> str:
+    teacher = plan["teacher"]
+    if teacher is None:
+        return ""
+    if teacher["source"] == "checkpoint":
+        return f"teacher {teacher['label']}: checkpoint {teacher['path']}"
+    if teacher["source"] == "store":
+        return f"teacher {teacher['label']}: in store"
+    chain = teachers_to_train(plan)
+    steps = " -> ".join(f"{t['label']} ({t['method']}, {t['epochs']} ep)" for t in chain)
+    return (f"teacher {teacher['label']}: not in store, trained first: {_chain_start(plan)}{steps}, "
+            f"{_cost(sum(t['flops'] for t in chain), tflops)} (once per sweep)")
+
+
+def format_job(plan: dict, tflops: float) -> str:
+    """One line: job number, labels, seed, epochs, the job's own cost, and where its teacher comes from."""
+    labels = plan["labels"]
+    names = " | ".join(labels[k] or "-" for k in ("dataset", "teacher", "student", "method"))
+    number = f"#{plan['job']} " if plan.get("job") is not None else ""
+    line = f"{number}{names}  seed {plan['seed']}  {plan['epochs']} ep  {_cost(plan['flops'], tflops)}"
+    note = _teacher_note(plan, tflops)
+    return f"{line}  {note}" if note else line
+
+
+def dry_run_job(cfg: DictConfig, out_dir: Path, job: Optional[int]) -> dict:
+    """Plan one job, print its line and keep the plan (or why planning failed) in out_dir/plan.json."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        plan = {"job": job, **plan_job(cfg)}
+    except Exception as err:
+        write_json(out_dir / PLAN_FILE, {"job": job, "error": f"{type(err).__name__}: {err}"})
+        raise
+    write_json(out_dir / PLAN_FILE, plan)
+    print(format_job(plan, cfg.dry_run_tflops), flush=True)
+    return plan
+
+
+def load_plans(sweep_dir: Path) -> list[dict]:
+    """Every plan.json under a sweep dir, by job number (failed plans carry an 'error')."""
+    plans = [json.loads(p.read_text()) for p in Path(sweep_dir).glob(f"**/{PLAN_FILE}")]
+    return sorted(plans, key=lambda p: -1 if p["job"] is None else p["job"])
+
+
+def sweep_totals(plans: list[dict]) -> dict:
+    """Jobs planned, the distinct store entries to train first, and total FLOPs with each entry counted once."""
+    planned = [p for p in plans if "error" not in p]
+    teachers = {t["key"]: t for p in planned for t in teachers_to_train(p)}
+    flops = sum(p["flops"] for p in planned) + sum(t["flops"] for t in teachers.values())
+    return {"jobs": len(planned), "teachers": list(teachers.values()), "flops": flops,
+            "failed": [p for p in plans if "error" in p]}
+
+
+def format_totals(plans: list[dict], tflops: float) -> str:
+    totals = sweep_totals(plans)
+    lines = [f"dry run: {totals['jobs']} jobs, {len(totals['teachers'])} teacher(s) to train first, "
+             f"total {_cost(totals['flops'], tflops)} at {tflops:g} TFLOP/s (dry_run_tflops)"]
+    lines += [f"  teacher to train: {t['key']} ({t['method']}, {t['epochs']} ep) {_cost(t['flops'], tflops)}"
+              for t in totals["teachers"]]
+    lines += [f"  job #{p['job']} could not be planned: {p['error']}" for p in totals["failed"]]
+    return "\n".join([*lines, FOOTNOTE])
