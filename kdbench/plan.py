@@ -36,9 +36,9 @@ TRAIN_SIZES = {"cifar10": 50_000, "cifar100": 50_000, "mnist": 60_000, "digits":
 SYNTHETIC_DEFAULT_SIZE = 1_000  # kdbench.data.datasets._synthetic without dataset.train_size
 FOOTNOTE = ("Estimate: training = 3 x forward FLOPs (torch FlopCounterMode: convolutions and matmuls) per sample "
             "and epoch; the teacher's forward once per sample when its outputs are cached (no augmentation), else "
-            "every epoch. Not counted: method heads/embeddings and pre-training stages, test-set evaluation, the "
-            "teacher cache's memory limit. exclude_train_classes is approximated as 1/num_classes of the training "
-            "set per excluded class.")
+            "every epoch. Not counted: method heads/embeddings and pre-training stages, test-set evaluation, "
+            "whether cached teacher outputs fit in trainer.teacher_cache_gb. exclude_train_classes is approximated "
+            "as 1/num_classes of the training set per excluded class.")
 
 
 def train_samples(ds: DictConfig) -> int:
@@ -117,7 +117,17 @@ def teachers_to_train(plan: dict) -> list[dict]:
 
 
 def _cost(flops: float, tflops: float) -> str:
-    return f"{flops / 1e15:.3g} PFLOP ≈ {flops / (tflops * 1e12) / 3600:.3g} h"
+    """'232 PFLOP ≈ 6.46 h' (in smaller units for demo-sized sweeps), at `tflops` TFLOP/s."""
+    scale, unit = next(((s, u) for s, u in ((1e15, "PFLOP"), (1e12, "TFLOP"), (1e9, "GFLOP")) if flops >= s),
+                       (1e6, "MFLOP"))
+    seconds = flops / (tflops * 1e12)
+    if seconds >= 3600:
+        duration = f"{seconds / 3600:.3g} h"
+    elif seconds >= 60:
+        duration = f"{seconds / 60:.3g} min"
+    else:
+        duration = f"{seconds:.2g} s" if seconds >= 1 else "< 1 s"
+    return f"{flops / scale:.3g} {unit} ≈ {duration}"
 
 
 def _chain_start(plan: dict) -> str:
@@ -158,7 +168,6 @@ def format_job(plan: dict, tflops: float) -> str:
 def dry_run_job(cfg: DictConfig, out_dir: Path, job: Optional[int]) -> dict:
     """Plan one job, print its line and keep the plan (or why planning failed) in out_dir/plan.json."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     try:
         plan = {"job": job, **plan_job(cfg)}
     except Exception as err:
@@ -172,7 +181,7 @@ def dry_run_job(cfg: DictConfig, out_dir: Path, job: Optional[int]) -> dict:
 def load_plans(sweep_dir: Path) -> list[dict]:
     """Every plan.json under a sweep dir, by job number (failed plans carry an 'error')."""
     plans = [json.loads(p.read_text()) for p in Path(sweep_dir).glob(f"**/{PLAN_FILE}")]
-    return sorted(plans, key=lambda p: -1 if p["job"] is None else p["job"])
+    return sorted(plans, key=lambda p: p["job"])
 
 
 def sweep_totals(plans: list[dict]) -> dict:

@@ -31,7 +31,7 @@ from kdbench.record import RunRecord
 
 CHECKPOINT_FILE = "checkpoint.pt"
 # Keys that do not change what a run computes; left out of the config hash (and of teacher-store keys).
-_VOLATILE = {"paths": None, "logger": None, "dataset": ("root", "download"),
+_VOLATILE = {"paths": None, "logger": None, "dry_run": None, "dry_run_tflops": None, "dataset": ("root", "download"),
              "trainer": ("device", "progress", "resume", "num_workers", "data_on_device", "eval_batch_size",
                          "teacher_cache", "teacher_cache_gb")}
 
@@ -289,6 +289,7 @@ def fit(cfg: DictConfig, student: TapModel, method: Method, teacher: Optional[Ta
     if state is not None and state["epoch"] > 0:
         optimizer.load_state_dict(state["optimizer"])
         history, start = list(state["history"]), state["epoch"] + 1
+        record.update(history=history, **_summary(history))  # a finished run re-launched keeps its results
 
     bar = tqdm(range(start, tr.epochs + 1), desc=f"{record.data['method']} {record.data['student']} s{seed}",
                disable=not tr.progress, initial=start - 1, total=tr.epochs)

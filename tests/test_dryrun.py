@@ -5,7 +5,7 @@ import subprocess
 import sys
 
 from kdbench.io import config_hash
-from kdbench.plan import (format_job, forward_flops, plan_job, sweep_totals, teachers_to_train, train_samples)
+from kdbench.plan import format_job, forward_flops, plan_job, sweep_totals, teachers_to_train, train_samples
 from kdbench.teachers import teacher_run_config
 from kdbench.train import semantic_config
 from tests.conftest import compose_config
@@ -49,7 +49,8 @@ def test_cached_teacher_excluded_classes_and_teacher_recipe():
 
 
 def test_shared_teacher_counted_once(tmp_path):
-    plans = [plan_job(compose_config([f"method={m}", f"seed={s}"], tmp_path)) for m in ("vanilla", "kd") for s in (1, 2)]
+    jobs = [[f"method={method}", f"seed={seed}"] for method in ("vanilla", "kd") for seed in (1, 2)]
+    plans = [plan_job(compose_config(job, tmp_path)) for job in jobs]
     totals = sweep_totals(plans)
     (teacher,) = totals["teachers"]
     assert teacher["label"] == "mlp_1200x2" and totals["jobs"] == 4

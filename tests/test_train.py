@@ -50,6 +50,10 @@ def test_interrupted_run_resumes_to_the_same_final_metrics(run_job, monkeypatch,
     resumed = run_job(*DIGITS_FAST, "method=kd", name="resumed")
     assert [h["test_top1"] for h in resumed["history"]] == [h["test_top1"] for h in reference["history"]]
     assert [h["train"] for h in resumed["history"]] == [h["train"] for h in reference["history"]]
+    # launching a finished job again (e.g. a whole sweep re-run to finish its stragglers) keeps its results
+    again = run_job(*DIGITS_FAST, "method=kd", name="resumed")
+    assert again["status"] == "completed" and again["history"] == resumed["history"]
+    assert again["last_top1"] == resumed["last_top1"] and again["last_class_errors"] == resumed["last_class_errors"]
 
 
 def test_teacher_is_trained_once_and_verified(run_job, tmp_path):
