@@ -289,7 +289,8 @@ def fit(cfg: DictConfig, student: TapModel, method: Method, teacher: Optional[Ta
     if state is not None and state["epoch"] > 0:
         optimizer.load_state_dict(state["optimizer"])
         history, start = list(state["history"]), state["epoch"] + 1
-        record.update(history=history, **_summary(history))  # a finished run re-launched keeps its results
+        # a finished run launched again keeps its results
+        record.update(history=history, last_class_errors=state.get("class_errors"), **_summary(history))
 
     bar = tqdm(range(start, tr.epochs + 1), desc=f"{record.data['method']} {record.data['student']} s{seed}",
                disable=not tr.progress, initial=start - 1, total=tr.epochs)
@@ -306,7 +307,8 @@ def fit(cfg: DictConfig, student: TapModel, method: Method, teacher: Optional[Ta
         history.append({"epoch": epoch, "lr": lr, "train": train_stats, "test_top1": ev.top1, "test_errors": ev.errors,
                         "test_loss": ev.loss, "seconds": round(time.time() - t0, 3)})
         save_torch(ckpt_path, {"epoch": epoch, "stages_done": stages_done, "student": student.state_dict(),
-                               "method": method.state_dict(), "optimizer": optimizer.state_dict(), "history": history})
+                               "method": method.state_dict(), "optimizer": optimizer.state_dict(), "history": history,
+                               "class_errors": ev.class_errors})
         record.update(history=history, last_class_errors=ev.class_errors, **_summary(history))
         logger.log({"lr": lr, "test/top1": ev.top1, "test/loss": ev.loss, **{f"train/{k}": v for k, v in train_stats.items()}}, step=epoch)
         bar.set_postfix(top1=f"{ev.top1:.2f}", loss=f"{train_stats['loss']:.3f}")
