@@ -1,26 +1,86 @@
 """Convert rows of the shared reference table (paper_numbers.csv) into results/paper/<paper>.csv in kdbench's
 vocabulary (dataset/model/method names as kdbench registers them, metric top1 or test_errors, protocol last/best).
 
-    python scripts/import_paper_numbers.py ../shared/reference/paper_numbers.csv
+    python scripts/import_paper_numbers.py [../shared/reference/paper_numbers.csv] [--out results/paper]
 
-Only rows kdbench can run and compare are imported; each keeps its source, confidence and note.
+Only rows kdbench can run and compare are imported; each keeps its source, confidence and note. One row per
+(dataset, teacher, student, method, metric) and paper: the first wins. A baseline repeated in the same table with
+the same value (one column per pair) is dropped silently; a repeat from another table, or with another value, is
+dropped and mentioned in the kept row's note.
+
+Rows left out, and why:
+  - every ImageNet, Tiny-ImageNet, CUB-200, speech, TIMIT and CHiME row: no such dataset in conf/dataset
+    (BaCaruana2014, MengCondTS2019 and most of Hinton2015 are only such rows);
+  - "-" / "N/A" cells: the method does not apply to the pair (e.g. FSP across widths);
+  - Hinton2015 "% of test 3s correct" (98.6): the same run as its 14 errors on the 1010 test 3s;
+  - Hinton2015 "transfer set = only 7s and 8s" rows: no experiment runs that transfer set yet;
+  - YimFSP2017 Table 3 FitNet, FSP and Teacher-original: the teacher is a ResNet-26 (depth 6*4+2), which the
+    model zoo does not have (conf/model: resnet8/14/20/32/44/56/110); only its ResNet-8 baseline is imported;
+  - YimFSP2017 Tables 1-2 ("avg acc of 3 nets", self-distillation): Table 1 uses ResNet-26; Table 2's teacher
+    rows (64k iterations, 1/3 of the iterations) repeat Table 4's resnet32 baseline key under other budgets, and
+    its starred rows use the "fast optimisation" budget (1/3 of the iterations after the FSP stage), a recipe
+    that no experiment here runs;
+  - TAKD2020 Fig. 6 rows ("CIFAR-10 (80 epochs)"): Heo et al.'s 80-epoch setting, which no experiment runs, with
+    a ResNet-26 teacher the zoo lacks; its runnable baselines (ResNet-8/14 NOKD) would be compared with runs of
+    Table 1's recipe, since paper rows join on dataset/teacher/student/method only.
 """
 from __future__ import annotations
 
+import argparse
 import csv
-import sys
+import re
 from pathlib import Path
 
-OUT = Path(__file__).resolve().parents[1] / "results" / "paper"
+REPO = Path(__file__).resolve().parents[1]
+OUT = REPO / "results" / "paper"
+SRC = REPO.parent / "shared" / "reference" / "paper_numbers.csv"
+MODELS = {p.stem for p in (REPO / "conf" / "model").glob("*.yaml")}
 COLUMNS = ["paper", "table", "dataset", "teacher", "student", "method", "metric", "value", "protocol", "runs",
            "source", "confidence", "note"]
+CIFAR = {"CIFAR-10": "cifar10", "CIFAR-100": "cifar100", "CIFAR-100 (no augmentation)": "cifar100"}
 CRD_METHODS = {"KD": "kd", "FitNet": "fitnet", "AT": "at", "SP": "sp", "CC": "cc", "VID": "vid", "RKD": "rkd",
                "PKT": "pkt", "AB": "ab", "FT": "ft", "FSP": "fsp", "NST": "nst", "CRD": "crd"}
-HINTON = {  # (student column prefix, method column) -> (teacher, student, method)
-    ("MLP 784-1200-1200-10", "teacher alone"): ("", "mlp_1200x2", "vanilla"),
-    ("MLP 784-800-800-10", "baseline hard labels"): ("", "mlp_800x2", "vanilla"),
-    ("MLP 2x800", "distillation T=20 (soft targets only regularizer)"): ("mlp_1200x2", "mlp_800x2", "kd"),
+MD_BEST = {"protocol": "best", "runs": "5"}  # mdistiller: best epoch, mean of 5 runs (methods.md section 1.2)
+HINTON = {  # (dataset, student column prefix, method column, metric column) -> (teacher, student, method, metric)
+    ("MNIST", "MLP 784-1200-1200-10", "teacher alone", "test errors (of 10000)"):
+        ("", "mlp_1200x2", "vanilla", "test_errors"),
+    ("MNIST", "MLP 784-800-800-10", "baseline hard labels", "test errors (of 10000)"):
+        ("", "mlp_800x2", "vanilla", "test_errors"),
+    ("MNIST", "MLP 2x800", "distillation T=20 (soft targets only regularizer)", "test errors (of 10000)"):
+        ("mlp_1200x2", "mlp_800x2", "kd", "test_errors"),
+    ("MNIST (transfer set without any 3s)", "MLP 2x800", "distillation (no 3s in transfer set)", "test errors total"):
+        ("mlp_1200x2", "mlp_800x2", "kd", "test_errors"),
+    ("MNIST (transfer set without any 3s)", "MLP 2x800", "distillation (no 3s)", "test errors on 3s"):
+        ("mlp_1200x2", "mlp_800x2", "kd", "test_errors_class3"),
+    ("MNIST (transfer set without any 3s)", "MLP 2x800", "distillation + class-3 bias +3.5", "test errors total"):
+        ("mlp_1200x2", "mlp_800x2", "kd+bias3", "test_errors"),
+    ("MNIST (transfer set without any 3s)", "MLP 2x800", "distillation + class-3 bias +3.5", "test errors on 3s"):
+        ("mlp_1200x2", "mlp_800x2", "kd+bias3", "test_errors_class3"),
 }
+BIAS3_NOTE = ("derived record: the kd student with its class-3 logit bias raised afterwards "
+              "(scripts/bias_correction.py --cls 3, see conf/experiment/hinton_mnist_no3.yaml)")
+
+
+def _note(row: dict, extra: str) -> str:
+    return "; ".join(n for n in (row["note"], extra) if n)
+
+
+def _arch_table(teacher: str, student: str) -> str:
+    return "same-architecture" if student[:3].lower() == teacher[:3].lower() or not teacher else "cross-architecture"
+
+
+def _model(text: str, dataset: str) -> str | None:
+    """'ResNet-110' -> resnet110, 'plain CNN-10' / 'CNN-4' -> plain_cnn_10 (plain_cnn_10_c100 on CIFAR-100),
+    'WRN-16-2 (0.7M)' -> wrn_16_2; None when kdbench has no such model."""
+    if m := re.match(r"WRN-(\d+)-(\d+)", text):
+        name = f"wrn_{m[1]}_{m[2]}"
+    elif m := re.match(r"ResNet-(\d+)", text):
+        name = f"resnet{m[1]}"
+    elif m := re.match(r"(?:plain )?CNN-(\d+)", text):
+        name = f"plain_cnn_{m[1]}" + ("_c100" if dataset == "cifar100" else "")
+    else:
+        return None
+    return name if name in MODELS else None
 
 
 def crd_row(row: dict) -> dict | None:
@@ -33,47 +93,127 @@ def crd_row(row: dict) -> dict | None:
         teacher, student, method = row["teacher"], row["student"], CRD_METHODS[method]
     else:
         return None
-    table = "same-architecture" if student[:3].lower() == teacher[:3].lower() or not teacher else "cross-architecture"
-    return {"paper": "Tian2020_CRD", "table": f"RepDistiller README CIFAR-100 ({table})", "dataset": "cifar100",
-            "teacher": teacher, "student": student, "method": method, "metric": "top1", "value": row["value"],
-            "protocol": "last", "runs": "not stated"}
+    return {"paper": "Tian2020_CRD", "table": f"RepDistiller README CIFAR-100 ({_arch_table(teacher, student)})",
+            "dataset": "cifar100", "teacher": teacher, "student": student, "method": method, "metric": "top1",
+            "value": row["value"], "protocol": "last", "runs": "not stated"}
+
+
+def dkd_row(row: dict) -> dict | None:
+    if row["dataset"] != "CIFAR-100" or row["method"] not in ("KD", "DKD"):
+        return None
+    teacher, student, note = row["teacher"], row["student"], row["note"]
+    if (teacher, student) == ("resnet32x4", "MobileNetV2"):
+        student, note = "ShuffleV2", _note(row, "imported as resnet32x4 -> ShuffleV2")
+    return {"paper": "Zhao2022_DKD", "table": f"mdistiller README CIFAR-100 DKD table ({_arch_table(teacher, student)})",
+            "dataset": "cifar100", "teacher": teacher, "student": student, "method": row["method"].lower(),
+            "metric": "top1", "value": row["value"], **MD_BEST, "note": note}
+
+
+def dot_row(row: dict) -> dict | None:
+    if row["dataset"] != "CIFAR-100":
+        return None
+    return {"paper": "Zhao2023_DOT", "table": "mdistiller README CIFAR-100 DOT table", "dataset": "cifar100",
+            "teacher": row["teacher"], "student": row["student"], "method": {"KD": "kd", "KD+DOT": "kd+dot"}[row["method"]],
+            "metric": "top1", "value": row["value"], **MD_BEST}
+
+
+def at_row(row: dict) -> dict | None:
+    if row["dataset"] != "CIFAR-10":
+        return None
+    teacher, student = _model(row["teacher"], "cifar10"), _model(row["student"], "cifar10")
+    method = row["method"]
+    if method == "student (no transfer)":
+        teacher, method = "", "vanilla"
+    elif method == "teacher":
+        teacher, student, method = "", teacher, "vanilla"
+    else:
+        method = {"AT": "at", "KD": "kd"}[method]
+    return {"paper": "AT2017", "table": "Table 1 (CIFAR-10, WRN)", "dataset": "cifar10", "teacher": teacher,
+            "student": student, "method": method, "metric": "top1", "value": f"{100 - float(row['value']):.2f}",
+            "protocol": "last", "runs": "not stated",
+            "note": _note(row, f"paper reports test error {row['value']}%; value = 100 - error")}
+
+
+def yim_row(row: dict) -> dict | None:
+    dataset = CIFAR.get(row["dataset"])
+    if dataset is None or row["metric"] != "accuracy %":  # CUB; Tables 1-2 ("avg acc of 3 nets")
+        return None
+    teacher, student = _model(row["teacher"], dataset), _model(row["student"], dataset)
+    method = {"Student-original": "vanilla", "Teacher-original": "vanilla", "FitNet": "fitnet",
+              "FSP (Proposed Method)": "fsp"}[row["method"]]
+    table = "Table 3 (CIFAR-10)" if dataset == "cifar10" else "Table 4 (CIFAR-100, no augmentation)"
+    return {"paper": "YimFSP2017", "table": table, "dataset": dataset, "teacher": "" if method == "vanilla" else teacher,
+            "student": student, "method": method, "metric": "top1", "value": row["value"], "protocol": "last",
+            "runs": "not stated"}
+
+
+def takd_row(row: dict) -> dict | None:
+    dataset = CIFAR.get(row["dataset"])
+    if dataset is None:  # ImageNet; Fig. 6 "CIFAR-10 (80 epochs...)"
+        return None
+    student = _model(row["student"], dataset)
+    if row["method"] == "NOKD":
+        teacher, method = "", "vanilla"
+    elif row["method"] == "BLKD":
+        teacher, method = _model(row["teacher"], dataset), "kd"
+    else:  # "ResNet-110 -> TA ResNet-20": the TA teaches; teacher assistants are labelled <model>_ta
+        ta = _model(row["teacher"].split(" TA ")[1], dataset)
+        teacher, method = ta and f"{ta}_ta", "kd"
+    table = row["note"].split(";")[0].split(" (")[0]
+    return {"paper": "TAKD2020", "table": f"{table} ({row['dataset']})", "dataset": dataset, "teacher": teacher,
+            "student": student, "method": method, "metric": "top1", "value": row["value"], "protocol": "best",
+            "runs": "not stated"}
 
 
 def hinton_row(row: dict) -> dict | None:
-    if row["dataset"] != "MNIST":
-        return None
-    for (student_prefix, method), (teacher, student, ours) in HINTON.items():
-        if row["student"].startswith(student_prefix) and row["method"] == method:
-            return {"paper": "Hinton2015", "table": "MNIST (section 3)", "dataset": "mnist", "teacher": teacher,
-                    "student": student, "method": ours, "metric": "test_errors", "value": row["value"],
-                    "protocol": "last", "runs": "1"}
+    for (dataset, student_prefix, method, metric), (teacher, student, ours, our_metric) in HINTON.items():
+        if (row["dataset"], row["method"], row["metric"]) == (dataset, method, metric) and row["student"].startswith(student_prefix):
+            no3 = dataset != "MNIST"
+            return {"paper": "Hinton2015", "table": "MNIST, no 3s in the transfer set (section 3)" if no3 else "MNIST (section 3)",
+                    "dataset": "mnist-no3" if no3 else "mnist", "teacher": teacher, "student": student,
+                    "method": ours, "metric": our_metric, "value": row["value"], "protocol": "last", "runs": "1",
+                    **({"note": _note(row, BIAS3_NOTE)} if ours == "kd+bias3" else {})}
     return None
 
 
-def main(src: str) -> None:
-    converters = {"Tian2020_CRD": crd_row, "Hinton2015": hinton_row}
+CONVERTERS = {"Tian2020_CRD": crd_row, "Hinton2015": hinton_row, "Zhao2022_DKD": dkd_row, "Zhao2023_DOT": dot_row,
+              "AT2017": at_row, "YimFSP2017": yim_row, "TAKD2020": takd_row}
+
+
+def convert(src: Path) -> dict[str, list[dict]]:
     out: dict[str, dict[tuple, dict]] = {}
     with open(src, newline="") as f:
         for row in csv.DictReader(f):
-            convert = converters.get(row["paper"])
-            new = convert(row) if convert else None
-            if new is None:
-                continue
+            convert_row = CONVERTERS.get(row["paper"])
+            new = convert_row(row) if convert_row else None
+            if new is None or None in (new["teacher"], new["student"]):
+                continue  # not a row kdbench runs, or a model the zoo lacks
             try:
                 float(new["value"])
             except ValueError:
-                continue  # "-" cells (method not applicable to the pair)
-            new.update(source=row["source"], confidence=row["confidence"], note=row["note"])
-            key = (new["dataset"], new["teacher"], new["student"], new["method"])
-            out.setdefault(new["paper"], {}).setdefault(key, new)  # a teacher baseline repeats across pairs
-    OUT.mkdir(parents=True, exist_ok=True)
-    for paper, rows in out.items():
-        with open(OUT / f"{paper}.csv", "w", newline="") as f:
+                continue  # "-" / "N/A" cells (method not applicable to the pair)
+            new = {"source": row["source"], "confidence": row["confidence"], "note": row["note"], **new}
+            key = (new["dataset"], new["teacher"], new["student"], new["method"], new["metric"])
+            kept = out.setdefault(new["paper"], {}).setdefault(key, new)
+            if kept is not new and (kept["table"], kept["value"]) != (new["table"], new["value"]):
+                repeat = "also in" if new["value"] == kept["value"] else f"{new['value']} (not imported) in"
+                kept["note"] = _note(kept, f"{repeat} {new['table']}")
+    return {paper: list(rows.values()) for paper, rows in out.items()}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("src", nargs="?", type=Path, default=SRC, help="paper_numbers.csv")
+    parser.add_argument("--out", type=Path, default=OUT, help="where to write <paper>.csv")
+    args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    for paper, rows in convert(args.src).items():
+        with open(args.out / f"{paper}.csv", "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=COLUMNS)
             writer.writeheader()
-            writer.writerows(rows.values())
-        print(f"{paper}: {len(rows)} rows -> {OUT / f'{paper}.csv'}")
+            writer.writerows(rows)
+        print(f"{paper}: {len(rows)} rows -> {args.out / f'{paper}.csv'}")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else str(Path(__file__).resolve().parents[2] / "shared" / "reference" / "paper_numbers.csv"))
+    main()

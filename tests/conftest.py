@@ -26,11 +26,12 @@ TINY_SYNTHETIC = ["dataset=synthetic", "dataset.num_classes=10", "dataset.train_
                   "trainer.batch_size=16", "trainer.epochs=1", "trainer.progress=false"]
 
 
-def compose_config(overrides=(), tmp_path: Path | None = None):
-    """The job config for `overrides`, as `kdbench` would build it (paths redirected into tmp_path)."""
+def compose_config(overrides=(), tmp_path: Path | None = None, return_hydra_config: bool = False):
+    """The job config for `overrides`, as `kdbench` would build it (paths redirected into tmp_path); with
+    return_hydra_config, also its `hydra` node (e.g. the sweep's hydra.sweeper.params)."""
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("train", overrides=list(overrides))
+        cfg = compose("train", overrides=list(overrides), return_hydra_config=return_hydra_config)
     if tmp_path is not None:
         with open_dict(cfg):
             cfg.paths.root = str(tmp_path)

@@ -1,0 +1,205 @@
+"""Experiment configs: each composes, its sweep names existing options, the table experiments leave no published
+cell without a job, and results/paper/*.csv is exactly what scripts/import_paper_numbers.py makes.
+
+A job's cell is labels_of(its composed config), the key the leaderboard joins paper rows on; teacher rows come from
+the teacher store, whose records are labels_of(teacher_run_config(job)). Composition is the slow part (~0.1 s), so
+configs are cached, seeds are left out (they change no label), and the large pair x method sweeps are composed once
+per pair and once per method, then combined (two whole jobs per sweep check the combination).
+"""
+from __future__ import annotations
+
+import itertools
+import subprocess
+import sys
+from functools import lru_cache
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from hydra.core.override_parser.overrides_parser import OverridesParser
+
+from kdbench.cli import CONF_DIR
+from kdbench.distill import method_class
+from kdbench.io import config_hash
+from kdbench.teachers import teacher_run_config
+from kdbench.train import labels_of, semantic_config
+from tests.conftest import REPO, compose_config
+
+PAPER_DIR = REPO / "results" / "paper"
+SRC = REPO.parent / "shared" / "reference" / "paper_numbers.csv"
+EXPERIMENTS = sorted(p.stem for p in (Path(CONF_DIR) / "experiment").glob("*.yaml"))
+# Each paper file -> the experiments that together run its tables.
+TABLES = {
+    "Tian2020_CRD": ["crd_cifar100_same", "crd_cifar100_cross"],
+    "Zhao2022_DKD": ["dkd_cifar100_same", "dkd_cifar100_cross"],
+    "Zhao2023_DOT": ["dot_cifar100"],
+    "AT2017": ["at_cifar10_wrn"],
+    "YimFSP2017": ["fsp_cifar10", "fsp_cifar100"],
+    "TAKD2020": ["takd_cifar10", "takd_cifar100"],
+    "Hinton2015": ["hinton_mnist", "hinton_mnist_no3"],
+}
+DERIVED = {"kd+bias3"}  # made from a sweep's records afterwards (scripts/bias_correction.py), not by a job
+# Experiments whose students learn from the RepDistiller teachers: one stored teacher per architecture for all.
+CIFAR100_BENCHMARK = ["crd_cifar100_same", "crd_cifar100_cross", "dkd_cifar100_same", "dkd_cifar100_cross",
+                      "dot_cifar100"]
+FULL_PRODUCT_MAX = 6  # larger pair x method sweeps are composed per pair and per method
+
+
+@lru_cache(maxsize=None)
+def _compose(overrides: tuple[str, ...]):
+    return compose_config(overrides)
+
+
+def compose(*overrides: str):
+    """compose_config, cached; the order of the overrides does not matter (each sets a different key)."""
+    return _compose(tuple(sorted(overrides)))
+
+
+@lru_cache(maxsize=None)
+def sweep_axes(experiment: str) -> dict[str, list[str]]:
+    """hydra.sweeper.params (the primary's merged with the experiment's) as key -> values, as the sweeper parses it."""
+    params = compose_config([f"experiment={experiment}"], return_hydra_config=True).hydra.sweeper.params
+    parser = OverridesParser.create()
+    axes = {}
+    for key, value in params.items():
+        override = parser.parse_override(f"{key}={value}")
+        axes[key] = list(override.sweep_string_iterator()) if override.is_sweep_override() \
+            else [override.get_value_element_as_str()]
+    return axes
+
+
+def needs_teacher(cfg) -> bool:
+    return method_class(cfg.method.name).needs_teacher
+
+
+def cell(labels: dict) -> tuple:
+    return labels["dataset"], labels["teacher"] or "", labels["student"], labels["method"]
+
+
+def stored_teachers(cfg):
+    """(teacher run config, its store key) for every teacher the job trains into the store, TA chains included."""
+    while needs_teacher(cfg) and not cfg.teacher.checkpoint:
+        cfg = teacher_run_config(cfg)
+        yield cfg, config_hash(semantic_config(cfg))
+
+
+def is_large(experiment: str) -> bool:
+    axes = {k: v for k, v in sweep_axes(experiment).items() if k != "seed"}
+    return set(axes) == {"pair", "method"} and len(axes["pair"]) * len(axes["method"]) > FULL_PRODUCT_MAX
+
+
+def shortcut_cell(experiment: str, pair: str, method: str) -> tuple:
+    """A job's cell from its pair's labels (composed with the sweep's first method that uses a teacher) and its
+    method's (composed alone): n_pairs + n_methods compositions instead of n_pairs * n_methods."""
+    teaching = next(m for m in sweep_axes(experiment)["method"] if needs_teacher(compose(f"method={m}")))
+    pair_labels = labels_of(compose(f"experiment={experiment}", f"pair={pair}", f"method={teaching}"))
+    method_labels = labels_of(compose(f"method={method}"))
+    return (pair_labels["dataset"], pair_labels["teacher"] if method_labels["teacher"] else "", pair_labels["student"],
+            method_labels["method"])
+
+
+@lru_cache(maxsize=None)
+def jobs(experiment: str) -> tuple[list, frozenset]:
+    """(composed configs that hold every job's stored teachers, the cells of all jobs); seeds change neither."""
+    axes = {k: v for k, v in sweep_axes(experiment).items() if k != "seed"}
+    base = f"experiment={experiment}"
+    if not is_large(experiment):
+        configs = [compose(base, *(f"{k}={v}" for k, v in zip(axes, combo))) for combo in itertools.product(*axes.values())]
+        return configs, frozenset(cell(labels_of(cfg)) for cfg in configs)
+    cells = frozenset(shortcut_cell(experiment, p, m) for p, m in itertools.product(axes["pair"], axes["method"]))
+    teaching = next(m for m in axes["method"] if needs_teacher(compose(f"method={m}")))
+    return [compose(base, f"pair={p}", f"method={teaching}") for p in axes["pair"]], cells
+
+
+@lru_cache(maxsize=None)
+def cells_of(experiment: str) -> frozenset:
+    """Every cell recorded by the experiment's jobs and by the teachers they train into the store."""
+    configs, cells = jobs(experiment)
+    return cells | {cell(labels_of(tcfg)) for cfg in configs for tcfg, _ in stored_teachers(cfg)}
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_experiment_composes_as_its_first_job(experiment):
+    axes = {k: v for k, v in sweep_axes(experiment).items() if k != "seed"}  # the seed changes nothing composed
+    cfg = compose(f"experiment={experiment}", *(f"{k}={v[0]}" for k, v in axes.items()))
+    assert cfg.dataset.name and cfg.student.label and cfg.method.name
+    assert labels_of(cfg)["dataset"]
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_sweep_names_existing_options(experiment):
+    for key, values in sweep_axes(experiment).items():
+        group = Path(CONF_DIR) / key
+        if key == "seed":
+            assert all(v.isdigit() for v in values), f"{experiment}: seed values {values}"
+        else:
+            assert group.is_dir(), f"{experiment} sweeps '{key}', which is not a config group"
+            missing = [v for v in values if not (group / f"{v}.yaml").exists()]
+            assert not missing, f"{experiment}: no conf/{key}/ option(s) {missing}"
+        assert len(set(values)) == len(values), f"{experiment}: '{key}' lists a value twice"
+
+
+@pytest.mark.parametrize("experiment", [e for e in EXPERIMENTS if is_large(e)])
+def test_large_sweep_shortcut_matches_full_composition(experiment):
+    """jobs()'s shortcut gives the cell that composing the whole job gives (first and last job of the sweep)."""
+    pairs, methods = sweep_axes(experiment)["pair"], sweep_axes(experiment)["method"]
+    for pair, method in [(pairs[0], methods[0]), (pairs[-1], methods[-1])]:
+        full = compose(f"experiment={experiment}", f"pair={pair}", f"method={method}")
+        assert cell(labels_of(full)) == shortcut_cell(experiment, pair, method)
+
+
+def test_every_paper_file_has_its_experiments():
+    assert sorted(p.stem for p in PAPER_DIR.glob("*.csv")) == sorted(TABLES)
+    assert all(e in EXPERIMENTS for experiments in TABLES.values() for e in experiments)
+
+
+@pytest.mark.parametrize("paper", sorted(TABLES))
+def test_every_paper_cell_has_a_job(paper):
+    rows = pd.read_csv(PAPER_DIR / f"{paper}.csv", dtype=str, keep_default_na=False)
+    wanted = {(r.dataset, r.teacher, r.student, r.method) for r in rows.itertuples() if r.method not in DERIVED}
+    produced = set().union(*(cells_of(e) for e in TABLES[paper]))
+    missing = sorted(wanted - produced)
+    assert not missing, f"{paper}: no job of {TABLES[paper]} produces {missing}"
+    for experiment in TABLES[paper]:
+        assert cells_of(experiment) & wanted, f"{experiment} produces none of {paper}'s cells"
+
+
+@pytest.mark.parametrize("experiment", sorted({e for es in TABLES.values() for e in es}))
+def test_each_teacher_is_trained_once_per_experiment(experiment):
+    """One store key per teacher label: e.g. a mobile student's lr 0.01 must not leak into its teacher's recipe."""
+    keys = {}
+    for cfg in jobs(experiment)[0]:
+        for tcfg, key in stored_teachers(cfg):
+            keys.setdefault(tcfg.student.label, set()).add(key)
+    assert {t: k for t, k in keys.items() if len(k) > 1} == {}
+
+
+def test_cifar100_benchmark_experiments_share_their_teachers():
+    keys = {}
+    for experiment in CIFAR100_BENCHMARK:
+        for cfg in jobs(experiment)[0]:
+            for tcfg, key in stored_teachers(cfg):
+                keys.setdefault(tcfg.student.label, set()).add(key)
+    assert {"resnet32x4", "vgg13", "wrn_40_2", "ResNet50"} <= keys.keys()
+    assert {t: k for t, k in keys.items() if len(k) > 1} == {}
+
+
+def test_pair_sets_mobile_lr_and_dkd_beta():
+    cfg = compose("experiment=dkd_cifar100_cross", "pair=vgg13-MobileNetV2", "method=kd")
+    assert cfg.optim.lr == 0.01 and teacher_run_config(cfg).optim.lr == 0.05
+    cfg = compose("experiment=dkd_cifar100_same", "pair=vgg13-vgg8", "method=dkd_per_pair")
+    assert cfg.method.weights.nckd == 6.0 and labels_of(cfg)["method"] == "dkd"
+    cfg = compose("experiment=dot_cifar100", "pair=resnet32x4-ShuffleV2", "method=kd", "optim=dot")
+    assert (cfg.optim.name, cfg.optim.lr, labels_of(cfg)["method"]) == ("dot", 0.01, "kd+dot")
+    assert teacher_run_config(cfg).optim.name == "sgd"
+
+
+@pytest.mark.skipif(not SRC.exists(), reason=f"reference table {SRC} not available")
+def test_import_script_is_deterministic_and_matches_results(tmp_path):
+    for out in ("a", "b"):
+        subprocess.run([sys.executable, "scripts/import_paper_numbers.py", str(SRC), "--out", str(tmp_path / out)],
+                       cwd=REPO, check=True, capture_output=True)
+    made = sorted(p.name for p in (tmp_path / "a").glob("*.csv"))
+    assert made == sorted(p.name for p in PAPER_DIR.glob("*.csv"))
+    for name in made:
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes() == (PAPER_DIR / name).read_bytes(), name
