@@ -35,7 +35,8 @@ register_schemas()
 
 
 class ReportCallback(Callback):
-    """Print and save the sweep's leaderboard when a multirun ends (a dry run's totals instead)."""
+    """Print and save the sweep's leaderboard, with the rows of the stored teachers its jobs used, when a multirun
+    ends (a dry run's totals instead)."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
@@ -46,9 +47,10 @@ class ReportCallback(Callback):
             print("\n" + format_totals(plans, config.dry_run_tflops))
             _sweep_failures.extend(str(p["job"]) for p in plans if "error" in p)
             return
-        from kdbench.report import build_report, load_records
+        from kdbench.report import build_report, load_records, teacher_records
 
-        print("\n" + build_report([sweep_dir], sweep_dir, title=f"kdbench leaderboard — {sweep_dir}"))
+        teachers = teacher_records([sweep_dir])
+        print("\n" + build_report([sweep_dir, *teachers], sweep_dir, title=f"kdbench leaderboard — {sweep_dir}"))
         print(f"\n(records and leaderboard.md/.csv/.html in {sweep_dir})")
         records = load_records([sweep_dir])
         _sweep_failures.extend(records.loc[records["status"] != "completed", "path"])

@@ -50,6 +50,22 @@ def _setting(overrides) -> str:
     return " ".join(sorted(keep))
 
 
+def teacher_records(paths) -> list[Path]:
+    """The teacher store's training records of the teachers that the runs below `paths` learned from (TA chains
+    followed to the first teacher): a sweep's own leaderboard then carries the tables' teacher rows."""
+    todo, found = find_records(paths), []
+    while todo:
+        try:
+            source = json.loads(todo.pop().read_text()).get("teacher_source") or {}
+        except (OSError, json.JSONDecodeError):
+            continue  # load_records reports unreadable records
+        train = Path(source["path"]).parent / "train" / RECORD_FILE if source.get("kind") == "store" else None
+        if train is not None and train.exists() and train not in found:
+            found.append(train)
+            todo.append(train)
+    return found
+
+
 def load_records(paths) -> pd.DataFrame:
     rows = []
     for path in find_records(paths):
@@ -209,12 +225,15 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, help="where to write leaderboard.{md,csv,html} (default: the first dir)")
     parser.add_argument("--paper-dir", type=Path, default=PAPER_DIR, help="published numbers (CSV files)")
     parser.add_argument("--title", default="kdbench leaderboard")
+    parser.add_argument("--teachers", action="store_true",
+                        help="add the teacher store's records of the teachers these runs used (the teacher rows)")
     args = parser.parse_args(argv)
     missing = [d for d in args.dirs if not Path(d).exists()]
     if missing:
         parser.error(f"no such directory: {', '.join(missing)}")
     out = args.out or (Path(args.dirs[0]) if Path(args.dirs[0]).is_dir() else Path(args.dirs[0]).parent)
-    print(build_report(args.dirs, out, args.paper_dir, args.title))
+    paths = [*args.dirs, *teacher_records(args.dirs)] if args.teachers else args.dirs
+    print(build_report(paths, out, args.paper_dir, args.title))
     print(f"\n(written to {out}/leaderboard.md, .csv, .html)")
     return 0
 

@@ -58,7 +58,7 @@ HINTON = {  # (dataset, student column prefix, method column, metric column) -> 
         ("mlp_1200x2", "mlp_800x2", "kd+bias3", "test_errors_class3"),
 }
 BIAS3_NOTE = ("derived record: the kd student with its class-3 logit bias raised afterwards "
-              "(scripts/bias_correction.py --cls 3, see conf/experiment/hinton_mnist_no3.yaml)")
+              "(python -m kdbench.bias <sweep> --cls 3, see conf/experiment/hinton_mnist_no3.yaml)")
 
 
 def _note(row: dict, extra: str) -> str:

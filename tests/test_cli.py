@@ -5,6 +5,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
+import pytest
+
 from kdbench.report import build_report, leaderboard, load_paper, load_records
 
 KDBENCH = [sys.executable, "-c", "from kdbench.cli import main; main()"]
@@ -26,6 +29,13 @@ def test_multirun_writes_records_and_prints_leaderboard(tmp_path):
     assert "| digits | mlp_32 | mlp_32 | kd |" in out.stdout and "| 2 |" in out.stdout
     for ext in ("md", "csv", "html"):
         assert (sweep / f"leaderboard.{ext}").stat().st_size > 0
+    # the stored teacher's own training record is a row of the sweep's leaderboard (a table's teacher row)
+    (store_record,) = (tmp_path / "teachers").glob("mlp_32-*/train/metrics.json")
+    teacher_row = {"dataset": "digits", "teacher": "", "student": "mlp_32", "method": "vanilla", "setting": "", "n": 1}
+    board = pd.read_csv(sweep / "leaderboard.csv", dtype={"teacher": str, "setting": str}, keep_default_na=False)
+    assert teacher_row in board[list(teacher_row)].to_dict("records")
+    assert json.loads(store_record.read_text())["last_top1"] == pytest.approx(
+        board[board["setting"] == ""]["last_mean"].item())
 
 
 def test_failing_job_leaves_other_records_and_report(tmp_path):
@@ -47,10 +57,13 @@ def test_two_sweeps_in_the_same_second_do_not_collide(tmp_path):
 
 
 def test_report_subcommand(tmp_path):
-    assert _kdbench(tmp_path, "method=vanilla", "seed=1", *FAST).returncode == 0
-    out = subprocess.run([*KDBENCH, "report", str(tmp_path / "multirun"), "--out", str(tmp_path / "rep")],
-                         capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
-    assert out.returncode == 0 and "| digits |" in out.stdout and (tmp_path / "rep" / "leaderboard.html").exists()
+    assert _kdbench(tmp_path, "method=kd", "seed=1", *FAST).returncode == 0
+    for flags, teacher_row in (([], False), (["--teachers"], True)):
+        out = subprocess.run([*KDBENCH, "report", str(tmp_path / "multirun"), "--out", str(tmp_path / "rep"), *flags],
+                             capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+        assert out.returncode == 0 and "| digits | mlp_32 | mlp_32 | kd |" in out.stdout
+        assert ("| digits |  | mlp_32 | vanilla |" in out.stdout) == teacher_row
+    assert (tmp_path / "rep" / "leaderboard.html").exists()
 
 
 def _fake_record(root: Path, name: str, **fields):

@@ -38,7 +38,7 @@ TABLES = {
     "TAKD2020": ["takd_cifar10", "takd_cifar100"],
     "Hinton2015": ["hinton_mnist", "hinton_mnist_no3"],
 }
-DERIVED = {"kd+bias3"}  # made from a sweep's records afterwards (scripts/bias_correction.py), not by a job
+DERIVED = {"kd+bias3"}  # made from a sweep's records afterwards (python -m kdbench.bias), not by a job
 # Experiments whose students learn from the RepDistiller teachers: one stored teacher per architecture for all.
 CIFAR100_BENCHMARK = ["crd_cifar100_same", "crd_cifar100_cross", "dkd_cifar100_same", "dkd_cifar100_cross",
                       "dot_cifar100"]
