@@ -203,3 +203,12 @@ def test_import_script_is_deterministic_and_matches_results(tmp_path):
     assert made == sorted(p.name for p in PAPER_DIR.glob("*.csv"))
     for name in made:
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes() == (PAPER_DIR / name).read_bytes(), name
+
+
+def test_hinton_no3_reuses_the_hinton_teachers():
+    """The no-3s students learn from the teachers hinton_mnist stored (trained on all ten digits), seed by seed."""
+    for seed in ("1", "2"):
+        keys = [config_hash(semantic_config(teacher_run_config(compose(f"experiment={e}", "method=kd", f"seed={seed}"))))
+                for e in ("hinton_mnist", "hinton_mnist_no3")]
+        assert keys[0] == keys[1]
+    assert keys[0] != config_hash(semantic_config(teacher_run_config(compose("experiment=hinton_mnist", "method=kd", "seed=1"))))
