@@ -82,7 +82,17 @@ def _locked(directory: Path):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def obtain_teacher(cfg: DictConfig, data, device: torch.device) -> tuple[TapModel, dict]:
+def store_overrides(job_overrides) -> tuple[str, ...]:
+    """The overrides a stored teacher's training record keeps from the job that trained it: the experiment and
+    teacher.recipe entries, so that leaderboards tell apart teachers trained with different recipes."""
+    def shapes_teacher(override: str) -> bool:
+        key = override.split("=", 1)[0].lstrip("+~")
+        return key == "experiment" or key.startswith("teacher.recipe.")
+
+    return ("(teacher for the store)", *(o for o in job_overrides if shapes_teacher(o)))
+
+
+def obtain_teacher(cfg: DictConfig, data, device: torch.device, job_overrides=()) -> tuple[TapModel, dict]:
     """(frozen teacher in eval mode on `device`, provenance for the run record)."""
     from kdbench.train import build_model, run, semantic_config
 
@@ -98,7 +108,7 @@ def obtain_teacher(cfg: DictConfig, data, device: torch.device) -> tuple[TapMode
         weights, meta_path = directory / WEIGHTS_FILE, directory / META_FILE
         with _locked(directory):
             if not meta_path.exists():
-                run(tcfg, directory / "train", overrides=("(teacher for the store)",))
+                run(tcfg, directory / "train", overrides=store_overrides(job_overrides))
                 save_torch(weights, {"model": torch.load(directory / "train" / "checkpoint.pt", weights_only=False)["student"]})
                 (directory / "train" / "checkpoint.pt").unlink()
                 write_json(meta_path, {"key": key, "sha256": sha256_file(weights), "config": semantic_config(tcfg),

@@ -324,7 +324,7 @@ def train(cfg: DictConfig, out_dir: Path, record: RunRecord, logger) -> tuple[Ta
 
     teacher = teacher_shapes = None
     if method_class(cfg.method.name).needs_teacher:
-        teacher, source = obtain_teacher(cfg, data, device)
+        teacher, source = obtain_teacher(cfg, data, device, record.data.get("overrides") or ())
         record.update(teacher_source=source, teacher_top1=evaluate(teacher, data.test_loader, cfg.trainer.precision).top1)
         teacher_shapes = probe_taps(teacher, data.input_shape)
 

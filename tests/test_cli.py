@@ -38,6 +38,16 @@ def test_multirun_writes_records_and_prints_leaderboard(tmp_path):
         board[board["setting"] == ""]["last_mean"].item())
 
 
+def test_teachers_of_different_recipes_are_separate_rows(tmp_path):
+    out = _kdbench(tmp_path, "method=kd", "seed=1", "+teacher.recipe.trainer.epochs=1,2", *FAST)
+    assert out.returncode == 0, out.stderr[-2000:]
+    (sweep,) = (tmp_path / "multirun").iterdir()
+    board = pd.read_csv(sweep / "leaderboard.csv", dtype={"teacher": str, "setting": str}, keep_default_na=False)
+    teachers = board[board["method"] == "vanilla"]
+    assert sorted(teachers["setting"]) == ["+teacher.recipe.trainer.epochs=1", "+teacher.recipe.trainer.epochs=2"]
+    assert teachers["n"].tolist() == [1, 1]
+
+
 def test_failing_job_leaves_other_records_and_report(tmp_path):
     out = _kdbench(tmp_path, "method=vanilla", "optim.lr=0.05,1e12", *FAST)
     assert out.returncode == 1 and "did not complete" in out.stderr
