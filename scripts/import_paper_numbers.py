@@ -14,15 +14,13 @@ Rows left out, and why:
   - "-" / "N/A" cells: the method does not apply to the pair (e.g. FSP across widths);
   - Hinton2015 "% of test 3s correct" (98.6): the same run as its 14 errors on the 1010 test 3s;
   - Hinton2015 "transfer set = only 7s and 8s" rows: no experiment runs that transfer set yet;
-  - YimFSP2017 Table 3 FitNet, FSP and Teacher-original: the teacher is a ResNet-26 (depth 6*4+2), which the
-    model zoo does not have (conf/model: resnet8/14/20/32/44/56/110); only its ResNet-8 baseline is imported;
-  - YimFSP2017 Tables 1-2 ("avg acc of 3 nets", self-distillation): Table 1 uses ResNet-26; Table 2's teacher
-    rows (64k iterations, 1/3 of the iterations) repeat Table 4's resnet32 baseline key under other budgets, and
-    its starred rows use the "fast optimisation" budget (1/3 of the iterations after the FSP stage), a recipe
-    that no experiment here runs;
-  - TAKD2020 Fig. 6 rows ("CIFAR-10 (80 epochs)"): Heo et al.'s 80-epoch setting, which no experiment runs, with
-    a ResNet-26 teacher the zoo lacks; its runnable baselines (ResNet-8/14 NOKD) would be compared with runs of
-    Table 1's recipe, since paper rows join on dataset/teacher/student/method only.
+  - YimFSP2017 Tables 1-2 ("avg acc of 3 nets", self-distillation): Table 1's rows repeat Table 3's resnet26
+    teacher key, Table 2's teacher rows (64k iterations, 1/3 of the iterations) repeat Table 4's resnet32 baseline
+    key under other budgets, and the starred rows use the "fast optimisation" budget (1/3 of the iterations after
+    the FSP stage), a recipe that no experiment here runs;
+  - TAKD2020 Fig. 6 rows ("CIFAR-10 (80 epochs)"): Heo et al.'s 80-epoch setting, which no experiment runs; its
+    cells (e.g. ResNet-8 NOKD) share their dataset/teacher/student/method keys with Table 1's 160-epoch cells, and
+    paper rows join on those keys only, so importing them would compare one run with two recipes' numbers.
 """
 from __future__ import annotations
 

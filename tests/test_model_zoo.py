@@ -25,6 +25,8 @@ REFERENCE_KEYS = REPO.parent / "shared" / "reference" / "reference_state_dict_ke
 # (resnet18 11,689,512; resnet34 21,797,672; resnet50 25,557,032; mobilenet_v2 3,504,872).
 PARAMS_100 = {
     "resnet8": 83_892, "resnet14": 181_108, "resnet20": 278_324, "resnet32": 472_756, "resnet44": 667_188,
+    # not in §3.2 (FSP's and TAKD's ResNet-26): each step of 6 in depth adds one BasicBlock per stage, +97,216
+    "resnet26": 278_324 + 97_216,
     "resnet56": 861_620, "resnet110": 1_736_564, "resnet8x4": 1_233_540, "resnet32x4": 7_433_860,
     "wrn_16_1": 180_916, "wrn_16_2": 703_284, "wrn_40_1": 569_780, "wrn_40_2": 2_255_156,
     "vgg8": 3_965_028, "vgg11": 9_277_284, "vgg13": 9_462_180, "vgg16": 14_774_436, "vgg19": 20_086_692,
@@ -42,7 +44,7 @@ _RX4 = [(32, 32, 32), (64, 32, 32), (128, 16, 16), (256, 8, 8), (256,)]
 _WRN2 = [(16, 32, 32), (32, 32, 32), (64, 16, 16), (128, 8, 8), (128,)]
 _VGG = [(64, 32, 32), (128, 16, 16), (256, 8, 8), (512, 4, 4), (512, 4, 4), (512,)]
 FEATS = {
-    **{f"resnet{d}": _R for d in (8, 14, 20, 32, 44, 56, 110)},
+    **{f"resnet{d}": _R for d in (8, 14, 20, 26, 32, 44, 56, 110)},
     "resnet8x4": _RX4, "resnet32x4": _RX4,
     "wrn_16_1": _R, "wrn_40_1": _R, "wrn_16_2": _WRN2, "wrn_40_2": _WRN2,
     **{f"vgg{d}": _VGG for d in (8, 11, 13, 16, 19)},

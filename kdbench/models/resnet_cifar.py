@@ -85,7 +85,7 @@ def _register(name: str, depth: int, widths: Sequence[int]) -> None:
     register_model(name)(factory)
 
 
-for _depth in (8, 14, 20, 32, 44, 56, 110):
+for _depth in (8, 14, 20, 26, 32, 44, 56, 110):
     _register(f"resnet{_depth}", _depth, (16, 16, 32, 64))
 _register("resnet8x4", 8, (32, 64, 128, 256))
 _register("resnet32x4", 32, (32, 64, 128, 256))
