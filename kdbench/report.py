@@ -3,7 +3,9 @@
 `kdbench-report DIR [DIR ...]` (or `kdbench report ...`) reads every metrics.json below the given dirs, groups
 completed runs by dataset/teacher/student/method/setting over seeds (mean, std, n of last- and best-epoch top-1),
 joins results/paper/*.csv on dataset/teacher/student/method, and compares like with like: last-epoch means with
-last-epoch tables, best-epoch with best-epoch, accuracy or error counts as the paper reports them.
+last-epoch tables, best-epoch with best-epoch, accuracy or error counts as the paper reports them. A paper row that
+names its `experiments` (those that run its recipe) is compared only with runs of those experiments, or with runs
+made without one; a run of another experiment (another recipe for the same cell) is not compared with it.
 The tolerance per cell is max(2 * std of our seeds, a per-dataset floor) and is shown beside each cell.
 Metrics: top1 (accuracy %), test_errors (misclassified test samples), test_errors_class<k> (those of true class k).
 """
@@ -83,13 +85,29 @@ def load_records(paths) -> pd.DataFrame:
                                        "error", "epochs_done", "last_class_errors", "path"])
 
 
+PAPER_COLUMNS = [*KEYS, "paper", "table", "metric", "value", "protocol", "runs", "source", "experiments"]
+
+
 def load_paper(paper_dir: Path = PAPER_DIR) -> pd.DataFrame:
     frames = [pd.read_csv(p, dtype=str, keep_default_na=False) for p in sorted(Path(paper_dir).glob("*.csv"))]
     if not frames:
-        return pd.DataFrame(columns=[*KEYS, "paper", "table", "metric", "value", "protocol", "runs", "source"])
+        return pd.DataFrame(columns=PAPER_COLUMNS)
     paper = pd.concat(frames, ignore_index=True)
     paper["value"] = pd.to_numeric(paper["value"], errors="coerce")
-    return paper.dropna(subset=["value"])
+    if "experiments" not in paper:
+        paper["experiments"] = ""
+    return paper.dropna(subset=["value"]).fillna({"experiments": ""})
+
+
+def experiment_of(setting: str) -> str:
+    """The experiment a leaderboard row's runs were launched with ("" for runs composed without one)."""
+    return next((o.split("=", 1)[1] for o in str(setting).split() if o.startswith("experiment=")), "")
+
+
+def same_recipe(setting: str, experiments: str) -> bool:
+    """Whether runs with this setting may be compared with a paper row that lists these experiments."""
+    ours = experiment_of(setting)
+    return not ours or not experiments or ours in experiments.split()
 
 
 def leaderboard(records: pd.DataFrame, paper: pd.DataFrame | None = None) -> pd.DataFrame:
@@ -105,14 +123,18 @@ def leaderboard(records: pd.DataFrame, paper: pd.DataFrame | None = None) -> pd.
     board["class_errors_mean"], board["class_errors_std"] = zip(*(stats[tuple(k)] for k in board[[*KEYS, "setting"]].values))
     if paper is None or paper.empty:
         return board
-    columns = [*KEYS, "paper", "table", "metric", "value", "protocol", "runs", "source"]
-    board = board.merge(paper[columns], on=KEYS, how="left").apply(_diff, axis=1)
+    paper = paper[PAPER_COLUMNS].reset_index(drop=True).rename_axis("paper_row").reset_index()
+    pairs = board.reset_index(names="board_row").merge(paper, on=KEYS, how="inner")
+    pairs = pairs[pairs["setting"].combine(pairs["experiments"], same_recipe).astype(bool)]
+    unmatched = board.drop(index=pairs["board_row"].unique())
+    board = pd.concat([pairs.drop(columns="board_row"), unmatched], ignore_index=True)
+    board = board.sort_values([*KEYS, "setting"], kind="stable").reset_index(drop=True).apply(_diff, axis=1)
     # The paper's other cells on the same datasets: a partly run table shows what is still missing (n = 0).
-    ran = set(map(tuple, board[KEYS].values))
-    missing = paper[paper["dataset"].isin(board["dataset"]) & ~paper[KEYS].apply(tuple, axis=1).isin(ran)]
+    missing = paper[paper["dataset"].isin(board["dataset"]) & ~paper["paper_row"].isin(pairs["paper_row"])]
+    board = board.drop(columns="paper_row")
     if missing.empty:
         return board
-    return pd.concat([board, missing[columns].assign(setting="", n=0)], ignore_index=True)
+    return pd.concat([board, missing[PAPER_COLUMNS].assign(setting="", n=0)], ignore_index=True)
 
 
 def _class_stats(lists: pd.Series) -> tuple:

@@ -34,7 +34,14 @@ OUT = REPO / "results" / "paper"
 SRC = REPO.parent / "shared" / "reference" / "paper_numbers.csv"
 MODELS = {p.stem for p in (REPO / "conf" / "model").glob("*.yaml")}
 COLUMNS = ["paper", "table", "dataset", "teacher", "student", "method", "metric", "value", "protocol", "runs",
-           "source", "confidence", "note"]
+           "experiments", "source", "confidence", "note"]
+# The experiments whose recipe each paper's rows follow (conf/experiment); the report compares a row only with runs of
+# these (or runs made without an experiment). The CIFAR-100 benchmark papers share one recipe and one set of teachers.
+CIFAR100_BENCHMARK = ("cifar100_crd crd_cifar100_same crd_cifar100_cross dkd_cifar100_same dkd_cifar100_cross dot_cifar100 "
+                      "ban_cifar100")
+EXPERIMENTS = {"Tian2020_CRD": CIFAR100_BENCHMARK, "Zhao2022_DKD": CIFAR100_BENCHMARK, "Zhao2023_DOT": CIFAR100_BENCHMARK,
+               "AT2017": "at_cifar10_wrn", "YimFSP2017": "fsp_cifar10 fsp_cifar100", "TAKD2020": "takd_cifar10 takd_cifar100",
+               "Hinton2015": "hinton_mnist hinton_mnist_no3"}
 CIFAR = {"CIFAR-10": "cifar10", "CIFAR-100": "cifar100", "CIFAR-100 (no augmentation)": "cifar100"}
 CRD_METHODS = {"KD": "kd", "FitNet": "fitnet", "AT": "at", "SP": "sp", "CC": "cc", "VID": "vid", "RKD": "rkd",
                "PKT": "pkt", "AB": "ab", "FT": "ft", "FSP": "fsp", "NST": "nst", "CRD": "crd"}
@@ -190,7 +197,8 @@ def convert(src: Path) -> dict[str, list[dict]]:
                 float(new["value"])
             except ValueError:
                 continue  # "-" / "N/A" cells (method not applicable to the pair)
-            new = {"source": row["source"], "confidence": row["confidence"], "note": row["note"], **new}
+            new = {"source": row["source"], "confidence": row["confidence"], "note": row["note"],
+                   "experiments": EXPERIMENTS[new["paper"]], **new}
             key = (new["dataset"], new["teacher"], new["student"], new["method"], new["metric"])
             kept = out.setdefault(new["paper"], {}).setdefault(key, new)
             if kept is not new and (kept["table"], kept["value"]) != (new["table"], new["value"]):

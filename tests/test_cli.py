@@ -104,6 +104,21 @@ def test_leaderboard_statistics_and_paper_diff(tmp_path):
     assert "Hinton2015" in md and "boom" in md
 
 
+def test_paper_rows_compare_only_with_runs_of_their_recipe(tmp_path):
+    """Hinton2015's rows name hinton_mnist: a run of another experiment is not diffed with them (its cell stays
+    'not run' for the paper); a run of hinton_mnist, or one made without an experiment, is."""
+    for name, overrides in (("theirs", ["experiment=hinton_mnist"]), ("adhoc", []), ("other", ["experiment=regression_digits"])):
+        _fake_record(tmp_path / name, "r", seed=1, last_top1=99.2, best_top1=99.2, overrides=overrides)
+    paper = load_paper()
+    compared = {name: leaderboard(load_records([tmp_path / name]), paper) for name in ("theirs", "adhoc", "other")}
+    for name in ("theirs", "adhoc"):
+        row = compared[name][compared[name]["n"] == 1].iloc[0]
+        assert row["paper"] == "Hinton2015" and abs(row["ours"] - 80.0) < 1e-6
+    other = compared["other"]
+    assert other[other["n"] == 1]["value"].isna().all()  # ours, not compared
+    assert ("mlp_1200x2", "mlp_800x2", "kd", 0) in set(map(tuple, other[["teacher", "student", "method", "n"]].values))
+
+
 def test_wandb_logger_without_api_key_runs_offline_without_prompting(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB")}
     out = subprocess.run([*KDBENCH, "logger=wandb", "method=vanilla", "seed=1", *FAST], capture_output=True, text=True,

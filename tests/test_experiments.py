@@ -164,6 +164,14 @@ def test_every_paper_cell_has_a_job(paper):
         assert cells_of(experiment) & wanted, f"{experiment} produces none of {paper}'s cells"
 
 
+@pytest.mark.parametrize("paper", sorted(TABLES))
+def test_paper_rows_name_the_experiments_that_run_their_recipe(paper):
+    """The report compares a paper row only with runs of the experiments it names: they exist and include the table's."""
+    rows = pd.read_csv(PAPER_DIR / f"{paper}.csv", dtype=str, keep_default_na=False)
+    named = {e for value in rows["experiments"] for e in value.split()}
+    assert set(TABLES[paper]) <= named and named <= set(EXPERIMENTS)
+
+
 @pytest.mark.parametrize("experiment", sorted({e for es in TABLES.values() for e in es}))
 def test_each_teacher_is_trained_once_per_experiment(experiment):
     """One store key per teacher label: e.g. a mobile student's lr 0.01 must not leak into its teacher's recipe."""
