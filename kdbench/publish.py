@@ -1,5 +1,7 @@
 """The published results table: results/README.md, per-table leaderboards and ours-vs-paper plots, generated
-from the run records committed under results/<table>/records/ (never written by hand).
+from the run records committed under results/<table>/records/ (never written by hand). A table's hand-written
+reading of its numbers (what differs from the paper and what was tried), results/<table>/notes.md, is included
+as it is.
 
     python -m kdbench.publish collect <table> <run or sweep dir>...   # copy the runs' metrics.json into results/
     python -m kdbench.publish                                         # regenerate results/README.md and friends
@@ -26,6 +28,7 @@ RESULTS = REPO / "results"
 EXPERIMENTS = REPO / "conf" / "experiment"
 README = "README.md"
 PLOT = "vs_paper.png"
+NOTES = "notes.md"
 
 
 def collect(table: str, dirs, results: Path = RESULTS) -> list[Path]:
@@ -172,6 +175,8 @@ def publish(results: Path = RESULTS, paper_dir: Path | None = None) -> str:
         board = leaderboard(load_records([table / "records"]), paper)
         has_plot = plot_vs_paper(board, table / PLOT, f"{table.name}: ours vs paper")
         parts += [f"## {table.name}", ""]
+        if (table / NOTES).exists():  # the people's reading of the numbers below: what differs and what was tried
+            parts += [(table / NOTES).read_text().strip(), ""]
         cmds = _commands(records)
         if cmds:
             parts += ["Commands (as recorded):", "", "```", *cmds, "```", ""]

@@ -26,10 +26,11 @@ def test_collect_and_publish(tmp_path):
         "Hinton2015,s3,mnist,mlp_1200x2,mlp_800x2,kd,test_errors,74,last,1,src\n")
     copied = collect("hinton_mnist", [runs], results)
     assert len(copied) == 2 and not list((results / "hinton_mnist").rglob("checkpoint.pt"))  # records only
+    (results / "hinton_mnist" / "notes.md").write_text("We tried a longer teacher.\n")
 
     text = publish(results)
     assert text == (results / "README.md").read_text()
-    assert "## hinton_mnist" in text and "kdbench experiment=hinton_mnist" in text
+    assert "## hinton_mnist\n\nWe tried a longer teacher.\n" in text and "kdbench experiment=hinton_mnist" in text
     assert "AMD EPYC (2 cores, 2 torch threads)" in text and "git abcdef1" in text and "torch 2.14.1" in text
     # (100 - 99.25)% of 10000 = 75 errors vs the paper's 74
     assert "| mnist | mlp_1200x2 | mlp_800x2 | kd |" in text and "| 75.00 | +1.00 |" in text
