@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -89,6 +90,12 @@ def _hw_text(hw: dict) -> str:
     return text + (f", {hw['gpu']}" if hw.get("gpu") else "")
 
 
+def _variant(setting) -> str:
+    """What sets a row's runs apart beyond their experiment (e.g. a longer teacher recipe), for plot labels."""
+    extra = [o for o in str(setting or "").split() if not o.startswith("experiment=")]
+    return f" ({' '.join(extra)})" if extra else ""
+
+
 def plot_vs_paper(board: pd.DataFrame, path: Path, title: str) -> bool:
     """One point per paper cell: ours minus paper, with the report's tolerance as the error bar. False if no cell."""
     if board.empty or "delta" not in board or board["delta"].isna().all():
@@ -105,7 +112,8 @@ def plot_vs_paper(board: pd.DataFrame, path: Path, title: str) -> bool:
     fig, axes = plt.subplots(len(groups), 1, figsize=(9, sum(heights)), squeeze=False,
                              gridspec_kw={"height_ratios": heights})
     for ax, (unit, g) in zip(axes[:, 0], groups):
-        labels = [f"{r.dataset} {r.teacher or '—'}→{r.student} {r.method} [{r.metric}, n={r.n}]" for r in g.itertuples()]
+        labels = [f"{r.dataset} {r.teacher or '—'}→{r.student} {r.method}{_variant(r.setting)} [{r.metric}, n={r.n}]"
+                  for r in g.itertuples()]
         y = range(len(g))
         colors = ["tab:green" if w else "tab:red" for w in g["within"]]
         ax.errorbar(g["delta"], y, xerr=g["tol"], fmt="none", ecolor="0.6", capsize=3)
@@ -137,13 +145,24 @@ def _configured_not_run(run_experiments: set[str]) -> list[str]:
         for values in params.values():
             jobs *= len(str(values).split(","))
         dataset = _default_choice(conf, "dataset") or "?"
-        summary = next((line[2:].strip() for line in path.read_text().splitlines()
-                        if line.startswith("# ") and "@package" not in line), "")
+        summary = _first_sentence(path)
         needs = "GPU recommended; CIFAR downloads with dataset.download=true" if dataset.startswith("cifar") else "CPU"
         lines.append(f"| `{name}` | {dataset} | {jobs} | {needs} | {summary} |")
     if not lines:
         return []
     return ["| experiment | dataset | jobs | needs | what |", "|---|---|---|---|---|", *lines]
+
+
+def _first_sentence(path: Path) -> str:
+    """The first sentence of an experiment file's header comment (what it reproduces)."""
+    header = []
+    for line in path.read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        if "@package" not in line:
+            header.append(line.lstrip("# ").strip())
+    text = " ".join(header)
+    return re.split(r"(?<!al\.)(?<=\.)\s", text, maxsplit=1)[0] if text else ""  # not after "et al."
 
 
 def _default_choice(conf, group: str) -> str | None:
