@@ -39,3 +39,18 @@ def test_collect_and_publish(tmp_path):
     # experiments with no records are listed as configured-but-not-run; hinton_mnist ran, so it is not
     pending = text.split("## Configured, not yet run here")[1]
     assert "`cifar100_crd`" in pending and "`hinton_mnist`" not in pending
+
+
+def test_committed_results_readme_is_what_publish_generates(tmp_path):
+    """results/README.md and each table's leaderboard.csv are regenerated from the committed records, not edited."""
+    import shutil
+
+    from kdbench.publish import RESULTS
+
+    copy = tmp_path / "results"
+    shutil.copytree(RESULTS, copy)
+    text = publish(copy)
+    assert text == (RESULTS / "README.md").read_text()
+    for table in RESULTS.iterdir():
+        if (table / "records").is_dir():
+            assert (copy / table.name / "leaderboard.csv").read_text() == (table / "leaderboard.csv").read_text()
