@@ -82,12 +82,16 @@ def _locked(directory: Path):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+STUDENT_ONLY = ("method", "student", "seed", "pair")  # override keys (and their subkeys) that never shape a teacher
+
+
 def store_overrides(job_overrides) -> tuple[str, ...]:
-    """The overrides a stored teacher's training record keeps from the job that trained it: the experiment and
-    teacher.recipe entries, so that leaderboards tell apart teachers trained with different recipes."""
+    """The overrides a stored teacher's training record keeps from the job that trained it: all but the student's
+    own (method, student, seed, pair) and teacher.seed (the record's seed), so that leaderboards tell apart
+    teachers trained with different recipes and average one recipe's teachers over their seeds."""
     def shapes_teacher(override: str) -> bool:
         key = override.split("=", 1)[0].lstrip("+~")
-        return key == "experiment" or key.startswith("teacher.recipe.")
+        return key.split(".")[0] not in STUDENT_ONLY and key != "teacher.seed"
 
     return ("(teacher for the store)", *(o for o in job_overrides if shapes_teacher(o)))
 

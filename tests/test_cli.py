@@ -29,13 +29,14 @@ def test_multirun_writes_records_and_prints_leaderboard(tmp_path):
     assert "| digits | mlp_32 | mlp_32 | kd |" in out.stdout and "| 2 |" in out.stdout
     for ext in ("md", "csv", "html"):
         assert (sweep / f"leaderboard.{ext}").stat().st_size > 0
-    # the stored teacher's own training record is a row of the sweep's leaderboard (a table's teacher row)
+    # the stored teacher's own training record is a row of the sweep's leaderboard (a table's teacher row); it is a
+    # vanilla mlp_32 with the sweep's recipe, so it averages with the vanilla students: 2 seeds + the teacher's
     (store_record,) = (tmp_path / "teachers").glob("mlp_32-*/train/metrics.json")
-    teacher_row = {"dataset": "digits", "teacher": "", "student": "mlp_32", "method": "vanilla", "setting": "", "n": 1}
+    assert json.loads(store_record.read_text())["overrides"] == ["(teacher for the store)", "teacher=mlp_32",
+                                                                 "trainer.epochs=2", "trainer.progress=False"]
     board = pd.read_csv(sweep / "leaderboard.csv", dtype={"teacher": str, "setting": str}, keep_default_na=False)
-    assert teacher_row in board[list(teacher_row)].to_dict("records")
-    assert json.loads(store_record.read_text())["last_top1"] == pytest.approx(
-        board[board["setting"] == ""]["last_mean"].item())
+    vanilla = {"dataset": "digits", "teacher": "", "student": "mlp_32", "method": "vanilla", "setting": "trainer.epochs=2", "n": 3}
+    assert vanilla in board[list(vanilla)].to_dict("records")
 
 
 def test_teachers_of_different_recipes_are_separate_rows(tmp_path):
@@ -44,7 +45,8 @@ def test_teachers_of_different_recipes_are_separate_rows(tmp_path):
     (sweep,) = (tmp_path / "multirun").iterdir()
     board = pd.read_csv(sweep / "leaderboard.csv", dtype={"teacher": str, "setting": str}, keep_default_na=False)
     teachers = board[board["method"] == "vanilla"]
-    assert sorted(teachers["setting"]) == ["+teacher.recipe.trainer.epochs=1", "+teacher.recipe.trainer.epochs=2"]
+    assert sorted(teachers["setting"]) == ["+teacher.recipe.trainer.epochs=1 trainer.epochs=2",
+                                           "+teacher.recipe.trainer.epochs=2 trainer.epochs=2"]
     assert teachers["n"].tolist() == [1, 1]
 
 
@@ -143,3 +145,26 @@ def test_terminated_job_records_interrupted(tmp_path):
     (record,) = tmp_path.glob("multirun/*/0/metrics.json")
     rec = json.loads(record.read_text())
     assert rec["status"] == "interrupted" and len(rec["history"]) >= 1
+
+
+@pytest.mark.slow
+def test_table_experiment_runs_teachers_then_students_with_teacher_rows(tmp_path):
+    """A table's sweep end to end (TAKD's plain-CNN chain on CIFAR-shaped synthetic data): the big teacher is trained
+    into the store, then the TA by kd from it, then the students; the leaderboard has a row for each, and the
+    teachers' rows carry the sweep's recipe overrides (here the tiny data and epochs), not the students' method."""
+    tiny = ["dataset=synthetic", "dataset.num_classes=10", "dataset.train_size=64", "dataset.test_size=32",
+            "trainer.batch_size=16", "trainer.epochs=1", "trainer.progress=false"]
+    out = _kdbench(tmp_path, "experiment=takd_cifar10", "pair=plain_cnn_10-plain_cnn_4-plain_cnn_2", "method=vanilla,kd",
+                   "seed=1", *tiny)
+    assert out.returncode == 0, out.stderr[-2000:]
+    (sweep,) = (tmp_path / "multirun").iterdir()
+    board = pd.read_csv(sweep / "leaderboard.csv", dtype={"teacher": str, "setting": str}, keep_default_na=False)
+    rows = {(r.teacher, r.student, r.method): r.setting for r in board.itertuples()}
+    assert set(rows) == {("", "plain_cnn_10", "vanilla"), ("plain_cnn_10", "plain_cnn_4_ta", "kd"),
+                         ("", "plain_cnn_2", "vanilla"), ("plain_cnn_4_ta", "plain_cnn_2", "kd")}
+    recipe = "dataset.num_classes=10 dataset.test_size=32 dataset.train_size=64 experiment=takd_cifar10 " \
+             "trainer.batch_size=16 trainer.epochs=1"
+    assert rows[("", "plain_cnn_10", "vanilla")] == rows[("plain_cnn_10", "plain_cnn_4_ta", "kd")] == recipe
+    finished = {(rec["student"], rec["method"]): rec["finished_at"]
+                for rec in (json.loads(p.read_text()) for p in tmp_path.rglob("metrics.json"))}
+    assert finished[("plain_cnn_10", "vanilla")] <= finished[("plain_cnn_4_ta", "kd")] <= finished[("plain_cnn_2", "kd")]
