@@ -47,9 +47,15 @@ def semantic_config(cfg: DictConfig) -> dict:
 
 
 def dataset_label(ds: DictConfig) -> str:
-    """The dataset as leaderboards name it: a transfer set without some classes is its own dataset (mnist-no3)."""
-    excluded = "".join(str(c) for c in sorted(ds.get("exclude_train_classes") or []))
-    return f"{ds.name}-no{excluded}" if excluded else str(ds.name)
+    """The dataset as leaderboards name it: a transfer set without some classes is its own dataset, named by the
+    classes left out (mnist-no3) or, when fewer are kept, by those kept (mnist-only78)."""
+    excluded = sorted(int(c) for c in ds.get("exclude_train_classes") or [])
+    if not excluded:
+        return str(ds.name)
+    kept = [c for c in range(int(ds.num_classes)) if c not in excluded]
+    if len(kept) < len(excluded):
+        return f"{ds.name}-only{''.join(map(str, kept))}"
+    return f"{ds.name}-no{''.join(map(str, excluded))}"
 
 
 def labels_of(cfg: DictConfig) -> dict:

@@ -44,6 +44,8 @@ def test_dataset_label_names_the_excluded_classes():
     assert dataset_label(compose_config(["dataset=mnist"]).dataset) == "mnist"
     assert dataset_label(compose_config(["dataset=mnist", "dataset.exclude_train_classes=[3]"]).dataset) == "mnist-no3"
     assert dataset_label(compose_config(["dataset=mnist", "dataset.exclude_train_classes=[8,7]"]).dataset) == "mnist-no78"
+    only78 = compose_config(["dataset=mnist", "dataset.exclude_train_classes=[0,1,2,3,4,5,6,9]"]).dataset
+    assert dataset_label(only78) == "mnist-only78"
 
 
 def test_no3_experiment_reuses_the_full_data_teacher():
@@ -67,6 +69,10 @@ def test_errors_with_shift_by_hand():
     assert errors_with_shift(logits, labels, 1, 2.0) == (1, [0, 0, 1])
     assert errors_with_shift(logits, labels, 1, 3.0) == (2, [0, 0, 2])
     assert best_shift(logits, labels, 1, grid=[0.0, 0.5, 1.0, 1.2, 1.5, 2.0]) == 1.2  # fewest errors, smallest
+    # several classes move together; a negative shift lowers their logits (the 7s-and-8s student's fix)
+    assert errors_with_shift(logits, labels, [0, 2], -1.5) == (0, [0, 0, 0])  # row 0: 0.5 < 1.0, now class 1
+    assert errors_with_shift(logits, labels, [0, 2], -2.0) == (1, [0, 0, 1])  # row 1: 0.0 < 0.2, now class 1
+    assert best_shift(logits, labels, [0, 2], grid=[-2.0, -1.5, -1.2, 0.0]) == -1.2  # 0 errors at -1.5 and -1.2
 
 
 def test_class_metric_is_compared_with_the_paper(tmp_path):

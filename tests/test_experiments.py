@@ -36,9 +36,9 @@ TABLES = {
     "AT2017": ["at_cifar10_wrn"],
     "YimFSP2017": ["fsp_cifar10", "fsp_cifar100"],
     "TAKD2020": ["takd_cifar10", "takd_cifar100"],
-    "Hinton2015": ["hinton_mnist", "hinton_mnist_no3"],
+    "Hinton2015": ["hinton_mnist", "hinton_mnist_no3", "hinton_mnist_only78"],
 }
-DERIVED = {"kd+bias3"}  # made from a sweep's records afterwards (python -m kdbench.bias), not by a job
+DERIVED = {"kd+bias3", "kd+bias78"}  # made from a sweep's records afterwards (python -m kdbench.bias), not by a job
 # Experiments whose students learn from the RepDistiller teachers: one stored teacher per architecture for all.
 CIFAR100_BENCHMARK = ["crd_cifar100_same", "crd_cifar100_cross", "dkd_cifar100_same", "dkd_cifar100_cross",
                       "dot_cifar100"]
@@ -213,10 +213,10 @@ def test_import_script_is_deterministic_and_matches_results(tmp_path):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes() == (PAPER_DIR / name).read_bytes(), name
 
 
-def test_hinton_no3_reuses_the_hinton_teachers():
-    """The no-3s students learn from the teachers hinton_mnist stored (trained on all ten digits), seed by seed."""
+def test_hinton_no3_and_only78_reuse_the_hinton_teachers():
+    """The no-3s and 7s-and-8s students learn from the teachers hinton_mnist stored (trained on all ten digits)."""
     for seed in ("1", "2"):
         keys = [config_hash(semantic_config(teacher_run_config(compose(f"experiment={e}", "method=kd", f"seed={seed}"))))
-                for e in ("hinton_mnist", "hinton_mnist_no3")]
-        assert keys[0] == keys[1]
+                for e in ("hinton_mnist", "hinton_mnist_no3", "hinton_mnist_only78")]
+        assert keys[0] == keys[1] == keys[2]
     assert keys[0] != config_hash(semantic_config(teacher_run_config(compose("experiment=hinton_mnist", "method=kd", "seed=1"))))
