@@ -53,9 +53,10 @@ def _raw_records(table: Path) -> list[dict]:
 
 
 def _commands(records: list[dict]) -> list[str]:
-    """How the records were produced, from each one's argv (the teacher store's records carry their sweep's)."""
+    """How the records were produced, from each one's argv (the teacher store's records carry their sweep's), in
+    the order they were first run."""
     seen = {}
-    for rec in records:
+    for rec in sorted(records, key=lambda r: r.get("started_at") or ""):
         argv = rec.get("argv") or []
         if not argv:
             continue
