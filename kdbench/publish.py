@@ -22,7 +22,8 @@ import pandas as pd
 from omegaconf import OmegaConf
 
 from kdbench.record import RECORD_FILE
-from kdbench.report import build_report, display_table, find_records, leaderboard, load_paper, load_records, to_markdown
+from kdbench.report import (build_report, display_table, find_records, leaderboard, load_paper, load_records,
+                            paper_tables, to_markdown, variant)
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "results"
@@ -91,12 +92,6 @@ def _hw_text(hw: dict) -> str:
     return text + (f", {hw['gpu']}" if hw.get("gpu") else "")
 
 
-def _variant(setting) -> str:
-    """What sets a row's runs apart beyond their experiment (e.g. a longer teacher recipe), for plot labels."""
-    extra = [o for o in str(setting or "").split() if not o.startswith("experiment=")]
-    return f" ({' '.join(extra)})" if extra else ""
-
-
 def plot_vs_paper(board: pd.DataFrame, path: Path, title: str) -> bool:
     """One point per paper cell: ours minus paper, with the report's tolerance as the error bar. False if no cell."""
     if board.empty or "delta" not in board or board["delta"].isna().all():
@@ -113,7 +108,7 @@ def plot_vs_paper(board: pd.DataFrame, path: Path, title: str) -> bool:
     fig, axes = plt.subplots(len(groups), 1, figsize=(9, sum(heights)), squeeze=False,
                              gridspec_kw={"height_ratios": heights})
     for ax, (unit, g) in zip(axes[:, 0], groups):
-        labels = [f"{r.dataset} {r.teacher or '—'}→{r.student} {r.method}{_variant(r.setting)} [{r.metric}, n={r.n}]"
+        labels = [f"{r.dataset} {r.teacher or '—'}→{r.student} {r.method}{variant(r.setting)} [{r.metric}, n={r.n}]"
                   for r in g.itertuples()]
         y = range(len(g))
         colors = ["tab:green" if w else "tab:red" for w in g["within"]]
@@ -202,6 +197,8 @@ def publish(results: Path = RESULTS, paper_dir: Path | None = None) -> str:
             parts += ["Commands (as recorded):", "", "```", *cmds, "```", ""]
         parts += [*_provenance(records), ""]
         parts += [to_markdown(display_table(board)) if not board.empty else "_no completed runs_", ""]
+        for name, grid in paper_tables(board):
+            parts += [f"### {name} (ours / paper)", "", to_markdown(grid), ""]
         if has_plot:
             parts += [f"![{table.name}: ours vs paper]({table.name}/{PLOT})", ""]
         parts += [f"Files: [`{table.name}/leaderboard.csv`]({table.name}/leaderboard.csv), "

@@ -203,6 +203,32 @@ def display_table(board: pd.DataFrame) -> pd.DataFrame:
     return out.sort_values(["dataset", "teacher", "student", "method", "setting"], kind="stable").reset_index(drop=True)
 
 
+def paper_tables(board: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
+    """Each published table the board touches, laid out as the paper lays it out: one row per method (and variant
+    setting), one column per teacher→student cell (and metric, where a table reports several), each cell
+    "ours / paper" in the paper's metric and protocol, ✓ when within tolerance."""
+    if "value" not in board:
+        return []
+    cells = board[board["value"].notna()]
+    out = []
+    for (paper, table), g in cells.groupby(["paper", "table"], sort=True):
+        several = g["metric"].nunique() > 1
+        cols = [f"{t or '—'}→{s}" + (f" [{m}]" if several else "") for t, s, m in zip(g["teacher"], g["student"], g["metric"])]
+        rows = [m + variant(setting) for m, setting in zip(g["method"], g["setting"])]
+        text = [f"{'not run' if pd.isna(r.get('ours')) else format(r['ours'], '.2f')} / {r['value']:g}"
+                + ("" if pd.isna(r.get("ours")) else " ✓" if r["within"] else " ✗") for _, r in g.iterrows()]
+        grid = pd.DataFrame({"row": rows, "col": cols, "text": text}).pivot_table(
+            index="row", columns="col", values="text", aggfunc="first", sort=False).fillna("")
+        out.append((f"{paper}: {table}", grid.rename_axis(index="method", columns=None).reset_index()))
+    return out
+
+
+def variant(setting) -> str:
+    """What sets a row's runs apart beyond their experiment (e.g. a longer teacher recipe), for labels."""
+    extra = [o for o in str(setting or "").split() if not o.startswith("experiment=")]
+    return f" ({' '.join(extra)})" if extra else ""
+
+
 def to_markdown(table: pd.DataFrame) -> str:
     cols = list(table.columns)
     lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
@@ -227,6 +253,8 @@ def build_report(paths, out_dir: Path | None = None, paper_dir: Path = PAPER_DIR
     board = leaderboard(records, load_paper(paper_dir))
     table = display_table(board) if not board.empty else pd.DataFrame()
     md = f"## {title}\n\n" + (to_markdown(table) if not table.empty else "_no completed runs_")
+    for name, grid in paper_tables(board):
+        md += f"\n\n### {name} (ours / paper)\n\n" + to_markdown(grid)
     failed = failures(records)
     if not failed.empty:
         md += "\n\nRuns not completed:\n\n" + to_markdown(failed.fillna(""))

@@ -8,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from kdbench.report import build_report, leaderboard, load_paper, load_records
+from kdbench.report import build_report, leaderboard, load_paper, load_records, paper_tables
 
 KDBENCH = [sys.executable, "-c", "from kdbench.cli import main; main()"]
 FAST = ["teacher=mlp_32", "trainer.epochs=2", "trainer.progress=false"]
@@ -168,3 +168,24 @@ def test_table_experiment_runs_teachers_then_students_with_teacher_rows(tmp_path
     finished = {(rec["student"], rec["method"]): rec["finished_at"]
                 for rec in (json.loads(p.read_text()) for p in tmp_path.rglob("metrics.json"))}
     assert finished[("plain_cnn_10", "vanilla")] <= finished[("plain_cnn_4_ta", "kd")] <= finished[("plain_cnn_2", "kd")]
+
+
+def test_paper_tables_lay_out_ours_beside_the_paper(tmp_path):
+    """A CRD-style table: methods as rows, pairs as columns, "ours / paper" cells; a cell not run says so."""
+    paper = tmp_path / "paper"
+    paper.mkdir()
+    head = "paper,table,dataset,teacher,student,method,metric,value,protocol,runs,source\n"
+    cells = [("resnet56", "resnet20", "kd", 70.66), ("resnet56", "resnet20", "crd", 71.16),
+             ("vgg13", "vgg8", "kd", 72.98), ("vgg13", "vgg8", "crd", 73.94)]
+    (paper / "P.csv").write_text(head + "".join(f"P,T1,cifar100,{t},{s},{m},top1,{v},last,1,src\n" for t, s, m, v in cells))
+    for i, (t, s, m, top1) in enumerate([("resnet56", "resnet20", "kd", 70.0), ("resnet56", "resnet20", "kd", 71.0),
+                                          ("vgg13", "vgg8", "crd", 74.0)]):
+        _fake_record(tmp_path / "runs", str(i), dataset="cifar100", teacher=t, student=s, method=m, seed=i,
+                     last_top1=top1, best_top1=top1)
+    ((name, grid),) = paper_tables(leaderboard(load_records([tmp_path / "runs"]), load_paper(paper)))
+    assert name == "P: T1" and list(grid.columns) == ["method", "resnet56→resnet20", "vgg13→vgg8"]
+    rows = grid.set_index("method")
+    # kd: mean of 70 and 71 = 70.5, tol 2 * 0.71 covers -0.16; crd: one run, the CIFAR-100 floor 0.5 covers +0.06
+    assert rows.loc["kd", "resnet56→resnet20"] == "70.50 / 70.66 ✓"
+    assert rows.loc["crd", "vgg13→vgg8"] == "74.00 / 73.94 ✓"
+    assert rows.loc["kd", "vgg13→vgg8"] == "not run / 72.98" and rows.loc["crd", "resnet56→resnet20"] == "not run / 71.16"
