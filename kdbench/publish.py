@@ -215,12 +215,12 @@ def publish(results: Path = RESULTS, paper_dir: Path | None = None) -> str:
 
 
 def main(argv=None) -> int:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--results", type=Path, default=RESULTS, help="the results dir (default: the repo's)")
-    parser = argparse.ArgumentParser(prog="python -m kdbench.publish", description=__doc__.splitlines()[0],
-                                     parents=[common])
+    parser = argparse.ArgumentParser(prog="python -m kdbench.publish", description=__doc__.splitlines()[0])
+    parser.add_argument("--results", type=Path, default=RESULTS, help="the results dir (default: the repo's)")
     sub = parser.add_subparsers(dest="command")
-    c = sub.add_parser("collect", help="copy run records into results/<table>/records/", parents=[common])
+    c = sub.add_parser("collect", help="copy run records into results/<table>/records/")
+    # Accepted after `collect` too; SUPPRESS keeps the subparser from resetting a --results given before it.
+    c.add_argument("--results", type=Path, default=argparse.SUPPRESS, help="the results dir (default: the repo's)")
     c.add_argument("table")
     c.add_argument("dirs", nargs="+", type=Path)
     args = parser.parse_args(argv)

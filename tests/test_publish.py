@@ -1,7 +1,9 @@
 """results/README.md is generated from committed records: tables, provenance, paper diff, plot, pending tables."""
 import json
 
-from kdbench.publish import collect, publish
+import pytest
+
+from kdbench.publish import collect, main, publish
 
 
 def _record(d, seed, top1, **fields):
@@ -39,6 +41,16 @@ def test_collect_and_publish(tmp_path):
     # experiments with no records are listed as configured-but-not-run; hinton_mnist ran, so it is not
     pending = text.split("## Configured, not yet run here")[1]
     assert "`cifar100_crd`" in pending and "`hinton_mnist`" not in pending
+
+
+@pytest.mark.parametrize("before", [True, False])
+def test_collect_command_writes_into_the_given_results_dir(tmp_path, before):
+    """`--results` is honoured whether it comes before or after `collect` (argparse parents reset it otherwise)."""
+    _record(tmp_path / "sweep" / "0", 1, 99.20)
+    results = tmp_path / "results"
+    args = ["collect", "hinton_mnist", str(tmp_path / "sweep")]
+    main(["--results", str(results), *args] if before else [*args, "--results", str(results)])
+    assert (results / "hinton_mnist" / "records" / "sweep" / "0" / "metrics.json").exists()
 
 
 def test_committed_results_readme_is_what_publish_generates(tmp_path):
