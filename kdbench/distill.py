@@ -12,7 +12,7 @@ forward itself (eval mode, no grad) and hands the outputs in, so one teacher for
   - stages(): optional pre-training stages before main training (AB, FSP, FT)
   - per-sample state keyed by dataset index lives in buffers (batch.indices gives the keys)
 
-Plugins register with @register_method("name") in `methods/<name>.py` (shipped as kdbench.methods), or from
+Plugins register with @register_method("name") in `kdbench/methods/<name>.py`, or from
 another package through the entry-point group "kdbench.methods".
 """
 from __future__ import annotations
