@@ -49,3 +49,84 @@ def run_job(tmp_path):
         return run(cfg, tmp_path / name, tuple(overrides))
 
     return _run
+
+
+# ----------------------------------------------------------------------------- shared builders
+# One definition of the helpers the method tests use (they were copied per file with different argument orders).
+
+
+def method_config(name: str, *overrides: str):
+    """conf/method/<name>.yaml as a job composes it (interpolations resolved against the default config)."""
+    return compose_config([f"method={name}", *overrides]).method
+
+
+def make_pair(teacher: str | None, student: str, num_classes: int = 10, input_shape=(3, 16, 16), n_train: int = 40,
+              seed: int = 0, epochs: int = 240, lr: float = 0.05):
+    """A PairInfo over freshly built (untrained) models, as the trainer builds it for a method."""
+    from kdbench.distill import PairInfo
+    from kdbench.models import create_model, probe_taps
+
+    torch.manual_seed(seed)
+    t = create_model(teacher, num_classes=num_classes, input_shape=input_shape) if teacher else None
+    s = create_model(student, num_classes=num_classes, input_shape=input_shape)
+    labels = torch.arange(n_train) % num_classes
+    return PairInfo(s, t, probe_taps(s, input_shape), probe_taps(t, input_shape) if t is not None else None,
+                    student, teacher, num_classes, labels, epochs, lr, tuple(input_shape))
+
+
+def make_batch(n: int, num_classes: int, input_shape=(3, 16, 16), indices=None, seed: int = 1):
+    """A Batch of Gaussian inputs whose targets are index % num_classes."""
+    from kdbench.data.loader import Batch
+
+    x = torch.randn(n, *input_shape, generator=torch.Generator().manual_seed(seed))
+    idx = torch.arange(n) if indices is None else torch.as_tensor(indices)
+    return Batch(x, idx % num_classes, idx, torch.zeros(n, 2, dtype=torch.long), torch.zeros(n, dtype=torch.bool))
+
+
+# ----------------------------------------------------------------------------- a model whose mode matters
+
+
+from torch import nn  # noqa: E402
+
+from kdbench.models import TapModel, register_model  # noqa: E402
+
+
+class ProbeNet(TapModel):
+    """A tiny conv net with BatchNorm and dropout, so train and eval mode give different outputs (the zoo's MLPs
+    used by most training tests have neither). Every forward appends (tag, training, grad enabled, batch size) to
+    ProbeNet.calls: tests read from it which network ran in which mode, and how often."""
+
+    calls: list[tuple[str, bool, bool, int]] = []
+    stage_names = ("stage1", "stage2")
+    tap_names = ("stage1_pre", "stage1", "stage2_pre", "stage2", "embedding", "logits")
+
+    def __init__(self, num_classes, input_shape, tag: str = "", width: int = 8, dropout: float = 0.3):
+        super().__init__()
+        self.tag = tag
+        c = input_shape[0]
+        self.conv1, self.bn1 = nn.Conv2d(c, width, 3, padding=1, bias=False), nn.BatchNorm2d(width)
+        self.conv2, self.bn2 = nn.Conv2d(width, 2 * width, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(2 * width)
+        self.drop = nn.Dropout(dropout)
+        self.fc = nn.Linear(2 * width, num_classes)
+
+    def bn_before_relu(self):
+        return [self.bn1, self.bn2]
+
+    def _forward_taps(self, x, taps):
+        ProbeNet.calls.append((self.tag, self.training, torch.is_grad_enabled(), x.shape[0]))
+        p1 = self.bn1(self.conv1(x))
+        s1 = torch.relu(p1)
+        p2 = self.bn2(self.conv2(s1))
+        s2 = torch.relu(p2)
+        emb = self.drop(s2.mean((2, 3)))
+        return {"stage1_pre": p1, "stage1": s1, "stage2_pre": p2, "stage2": s2, "embedding": emb, "logits": self.fc(emb)}
+
+
+register_model("probe_net")(ProbeNet)
+
+
+@pytest.fixture
+def probe_calls():
+    """The ProbeNet forward log, emptied before the test."""
+    ProbeNet.calls.clear()
+    return ProbeNet.calls
