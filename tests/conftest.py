@@ -97,14 +97,16 @@ class ProbeNet(TapModel):
     ProbeNet.calls: tests read from it which network ran in which mode, and how often."""
 
     calls: list[tuple[str, bool, bool, int]] = []
+    interrupt_at: int | None = None  # raise KeyboardInterrupt (a Ctrl-C) at this forward of the log
     stage_names = ("stage1", "stage2")
-    tap_names = ("stage1_pre", "stage1", "stage2_pre", "stage2", "embedding", "logits")
+    tap_names = ("stem", "stage1_pre", "stage1", "stage2_pre", "stage2", "embedding", "logits")
 
     def __init__(self, num_classes, input_shape, tag: str = "", width: int = 8, dropout: float = 0.3):
         super().__init__()
         self.tag = tag
         c = input_shape[0]
-        self.conv1, self.bn1 = nn.Conv2d(c, width, 3, padding=1, bias=False), nn.BatchNorm2d(width)
+        self.conv0, self.bn0 = nn.Conv2d(c, width, 3, padding=1, bias=False), nn.BatchNorm2d(width)
+        self.conv1, self.bn1 = nn.Conv2d(width, width, 3, padding=1, bias=False), nn.BatchNorm2d(width)
         self.conv2, self.bn2 = nn.Conv2d(width, 2 * width, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(2 * width)
         self.drop = nn.Dropout(dropout)
         self.fc = nn.Linear(2 * width, num_classes)
@@ -114,12 +116,16 @@ class ProbeNet(TapModel):
 
     def _forward_taps(self, x, taps):
         ProbeNet.calls.append((self.tag, self.training, torch.is_grad_enabled(), x.shape[0]))
-        p1 = self.bn1(self.conv1(x))
+        if ProbeNet.interrupt_at is not None and len(ProbeNet.calls) >= ProbeNet.interrupt_at:
+            ProbeNet.interrupt_at = None
+            raise KeyboardInterrupt("ProbeNet.interrupt_at")
+        stem = torch.relu(self.bn0(self.conv0(x)))
+        p1 = self.bn1(self.conv1(stem))
         s1 = torch.relu(p1)
         p2 = self.bn2(self.conv2(s1))
         s2 = torch.relu(p2)
         emb = self.drop(s2.mean((2, 3)))
-        return {"stage1_pre": p1, "stage1": s1, "stage2_pre": p2, "stage2": s2, "embedding": emb, "logits": self.fc(emb)}
+        return {"stem": stem, "stage1_pre": p1, "stage1": s1, "stage2_pre": p2, "stage2": s2, "embedding": emb, "logits": self.fc(emb)}
 
 
 register_model("probe_net")(ProbeNet)
@@ -127,6 +133,7 @@ register_model("probe_net")(ProbeNet)
 
 @pytest.fixture
 def probe_calls():
-    """The ProbeNet forward log, emptied before the test."""
+    """The ProbeNet forward log, emptied before (and the interrupt cleared after) the test."""
     ProbeNet.calls.clear()
-    return ProbeNet.calls
+    yield ProbeNet.calls
+    ProbeNet.interrupt_at = None
