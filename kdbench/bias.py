@@ -17,20 +17,18 @@ bias-corrected numbers.
 from __future__ import annotations
 
 import argparse
-import copy
+import dataclasses
 import json
 import sys
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 
-from kdbench.data import DeviceLoader
-from kdbench.errors import KDBenchError
-from kdbench.io import load_torch
+from kdbench.data import DeviceLoader, prepare_data
+from kdbench.job import CHECKPOINT_FILE, load_finished
 from kdbench.record import RECORD_FILE, RunRecord
 from kdbench.report import find_records
-from kdbench.train import CHECKPOINT_FILE, build_model, prepare_data, resolve_device
+from kdbench.train import resolve_device
 
 DEFAULT_GRID = [round(0.1 * i, 1) for i in range(-150, 151)]  # -15.0 .. 15.0
 PAPER_SHIFT = {(3,): 3.5, (7, 8): -7.6}  # Hinton et al. 2015, section 3, chosen there on the test set
@@ -68,19 +66,12 @@ def correct_run(run_dir: Path, classes, grid=DEFAULT_GRID) -> dict:
     classes = _classes(classes)
     tag = "".join(map(str, classes))
     rec = json.loads((run_dir / RECORD_FILE).read_text())
-    cfg = OmegaConf.create(rec["config"])
-    ckpt = run_dir / CHECKPOINT_FILE
-    if not ckpt.exists():
-        raise KDBenchError(f"{ckpt} is missing: bias correction needs the run's final checkpoint")
-    full = copy.deepcopy(cfg)
-    full.dataset.exclude_train_classes = []  # choose the shift on every training digit, the held-out class too
-    device = resolve_device(str(cfg.trainer.device))
-    data = prepare_data(full, device)
-    student = build_model(cfg.student.model, data)
-    student.load_state_dict(load_torch(ckpt, "run checkpoint")["student"])
-    student.to(device)
-    ds = full.dataset
-    train_eval = DeviceLoader(data.train, int(cfg.trainer.eval_batch_size), list(ds.mean), list(ds.std), device)
+    device = resolve_device(str(rec["config"]["trainer"]["device"]))
+    student, job = load_finished(run_dir, device)
+    # choose the shift on every training digit, the held-out class too
+    ds = dataclasses.replace(job.dataset, exclude_train_classes=[])
+    data = prepare_data(ds, job.trainer, device)
+    train_eval = DeviceLoader(data.train, int(job.trainer.eval_batch_size), list(ds.mean), list(ds.std), device)
     train_logits, train_labels = logits_and_labels(student, train_eval)
     test_logits, test_labels = logits_and_labels(student, data.test_loader)
     shift = best_shift(train_logits, train_labels, classes, grid)

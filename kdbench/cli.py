@@ -19,10 +19,9 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from kdbench.config import register_schemas
+from kdbench.config import CONF_DIR, register_configs
 from kdbench.errors import KDBenchError
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 log = logging.getLogger("kdbench")
 _sweep_failures: list[str] = []
 
@@ -31,7 +30,7 @@ _sweep_failures: list[str] = []
 os.environ.setdefault("KDBENCH_UID", secrets.token_hex(3))
 if not OmegaConf.has_resolver("kdbench_uid"):
     OmegaConf.register_new_resolver("kdbench_uid", lambda: os.environ["KDBENCH_UID"])
-register_schemas()
+register_configs()
 
 
 class ReportCallback(Callback):
@@ -58,20 +57,25 @@ class ReportCallback(Callback):
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
 def _job(cfg: DictConfig):
-    from kdbench.train import run
+    from kdbench.job import resolve, run
 
     hc = HydraConfig.get()
     out_dir = Path(hc.runtime.output_dir)
     multirun = hc.mode == RunMode.MULTIRUN
+    number = hc.job.num if multirun else None
     try:
         if cfg.dry_run:
-            from kdbench.plan import dry_run_job, format_totals
+            from kdbench.plan import dry_run_failed, dry_run_job, format_totals
 
-            plan = dry_run_job(cfg, out_dir, hc.job.num if multirun else None)
+            try:
+                plan = dry_run_job(resolve(cfg, tuple(hc.overrides.task)), out_dir, number, cfg.dry_run_tflops)
+            except Exception as err:
+                dry_run_failed(out_dir, number, err)
+                raise
             if not multirun:
                 print(format_totals([plan], cfg.dry_run_tflops))
             return None
-        record = run(cfg, out_dir, tuple(hc.overrides.task))
+        record = run(resolve(cfg, tuple(hc.overrides.task)), out_dir)
     except Exception as err:
         if not multirun:
             raise

@@ -1,15 +1,23 @@
-"""Typed schemas for the config groups whose keys are fixed (dataset, optim, schedule, trainer).
+"""The config tree's rules in one place: typed schemas for the groups whose keys are fixed, the settings that do
+not change a result, the teacher/student options made from the model registry, and composition.
 
-Each YAML in those groups starts from its schema (`defaults: [_schema, _self_]`), so a misspelt key fails
-at composition instead of being silently ignored. Method configs are free-form: each method owns its keys.
+Each YAML in a schema'd group starts from its schema (`defaults: [_schema, _self_]`), so a misspelt key fails at
+composition instead of being silently ignored. Method configs are free-form: each method owns its keys.
+The `teacher` and `student` groups have no files: every registered model is an option of both (its node holds the
+model's name and its keyword defaults, so `student.model.hidden=[64]` works without a `+`).
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
-from typing import Optional
+from pathlib import Path
+from typing import Any, Dict, Optional, Sequence
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+CONF_DIR = Path(__file__).resolve().parent / "conf"
+PRIMARY = "train"
 
 
 @dataclass
@@ -66,9 +74,96 @@ class TrainerConfig:
     teacher_cache_gb: float = 4.0  # ... and when they fit in this much device memory
 
 
-def register_schemas() -> None:
+@dataclass
+class StudentConfig:
+    model: Dict[str, Any] = MISSING  # {name: <registered model>, **its keyword arguments}
+    label: str = MISSING  # the name leaderboards show
+
+
+@dataclass
+class TeacherConfig(StudentConfig):
+    checkpoint: Optional[str] = None  # a weights file (kdbench or RepDistiller/mdistiller format); null = the store
+    seed: int = 0  # the seed the stored teacher is trained with
+    recipe: Dict[str, Any] = field(default_factory=dict)  # teacher-only overrides of the recipe, per leaf
+    distill: Optional[Dict[str, Any]] = None  # {from: <teacher config>, method: <method config>}: a TA (TAKD)
+
+
+# ----------------------------------------------------------------------------- the settings that change no result
+
+# Where and how a job runs, never what it computes. The one definition used by the run's config hash, the
+# leaderboard's setting column and the teacher-store key (a dotted key covers its subkeys).
+NON_SEMANTIC = ("hydra", "paths", "logger", "dry_run", "dry_run_tflops", "dataset.root", "dataset.download",
+                "trainer.device", "trainer.progress", "trainer.resume", "trainer.num_workers",
+                "trainer.data_on_device", "trainer.eval_batch_size", "trainer.teacher_cache",
+                "trainer.teacher_cache_gb")
+
+
+def override_key(override: str) -> str:
+    """'+trainer.epochs=3' -> 'trainer.epochs'; 'model@teacher.model=x' -> 'teacher.model'."""
+    key = override.split("=", 1)[0].lstrip("+~")
+    return key.split("@", 1)[1] if "@" in key else key
+
+
+def is_semantic(key: str) -> bool:
+    """Whether a (dotted) config key can change what a run computes."""
+    return not any(key == k or key.startswith(k + ".") for k in NON_SEMANTIC)
+
+
+def semantic_config(config: dict | DictConfig) -> dict:
+    """The config without its non-semantic settings: what the run's hash and the store key are made of."""
+    data = OmegaConf.to_container(config, resolve=True) if isinstance(config, DictConfig) else dict(config)
+
+    def prune(node: dict, prefix: str) -> dict:
+        out = {}
+        for key, value in node.items():
+            path = f"{prefix}{key}"
+            if not is_semantic(path):
+                continue
+            out[key] = prune(value, path + ".") if isinstance(value, dict) else value
+        return out
+
+    return prune(data, "")
+
+
+def semantic_overrides(overrides: Sequence[str]) -> list[str]:
+    """The overrides that change a result (markers such as '(teacher for the store)' are not overrides)."""
+    return [o for o in overrides if not o.startswith("(") and is_semantic(override_key(o))]
+
+
+# ----------------------------------------------------------------------------- registration and composition
+
+
+def _model_node(name: str, factory) -> dict:
+    """{name, **keyword defaults} of a registered model factory (its metadata, as timm keeps it beside the model)."""
+    node: dict = {"name": name}
+    for param in list(inspect.signature(factory).parameters.values())[2:]:
+        if param.kind in (param.VAR_KEYWORD, param.VAR_POSITIONAL) or param.default is inspect.Parameter.empty:
+            continue
+        node[param.name] = list(param.default) if isinstance(param.default, tuple) else param.default
+    return node
+
+
+def register_configs() -> None:
+    """Schemas of the fixed-key groups, and one teacher and one student option per registered model."""
+    from kdbench.models import MODELS, list_models
+
     cs = ConfigStore.instance()
-    cs.store(group="dataset", name="_schema", node=DatasetConfig)
-    cs.store(group="optim", name="_schema", node=OptimConfig)
-    cs.store(group="schedule", name="_schema", node=ScheduleConfig)
-    cs.store(group="trainer", name="_schema", node=TrainerConfig)
+    for group, node in (("optim", OptimConfig), ("schedule", ScheduleConfig), ("trainer", TrainerConfig)):
+        cs.store(group=group, name="_schema", node=node)
+    cs.store(group="schema", name="dataset", node=DatasetConfig)  # dataset files are _global_ (they pick a recipe)
+    for name in list_models():
+        model = _model_node(name, MODELS.get(name))
+        cs.store(group="student", name=name, node=StudentConfig(model=model, label=name))
+        cs.store(group="teacher", name=name, node=TeacherConfig(model=model, label=name))
+
+
+def compose(overrides: Sequence[str] = ()) -> DictConfig:
+    """The job config kdbench composes for these overrides: through the running Hydra app when there is one (so
+    its search path counts), else from the packaged config tree."""
+    from hydra import compose as hydra_compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    if GlobalHydra.instance().is_initialized():
+        return hydra_compose(PRIMARY, overrides=list(overrides))
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return hydra_compose(PRIMARY, overrides=list(overrides))

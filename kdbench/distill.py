@@ -1,16 +1,23 @@
 """The method plugin interface.
 
 A method is an nn.Module (its trainable auxiliary heads are submodules, so they join the optimizer and the
-checkpoint) that turns student/teacher taps into named, unweighted loss terms. The trainer runs the teacher
-forward itself (eval mode, no grad) and hands the outputs in, so one teacher forward can feed several students.
+checkpoint) that turns student/teacher taps into named, unweighted loss terms. The loop hands it the teacher's
+outputs (kdbench.teachers.TeacherOutputs: a live forward or a cache), so one teacher forward can feed several
+students.
 
   - student_taps / teacher_taps: the features it needs (names from kdbench.models.base)
   - built from a PairInfo: probed tap shapes, so heads size themselves; incompatible pairs raise
     IncompatibleModels before training starts
-  - terms(): named loss terms; their weights come from `method.weights` in the config, and term_weights(epoch)
-    may scale them per epoch (DKD/ReviewKD warm-up)
-  - stages(): optional pre-training stages before main training (AB, FSP, FT)
+  - terms(): its own named loss terms. The base class adds the `ce` term (cross-entropy on the labels) and, when
+    `weights.kd` is given, Hinton's `kd` term (temperature `temperature`, default 4) from the configured weights.
+    Weights come from `method.weights`; term_weights(epoch) may scale them per epoch (DKD/ReviewKD warm-up).
+  - stages(): optional pre-training stages before main training (AB, FSP, FT), run by the same loop
   - per-sample state keyed by dataset index lives in buffers (batch.indices gives the keys)
+  - a method that must own its training step (a generator step before the student step, several networks updated
+    together, extra views of a batch) overrides train_step(); one that evaluates differently (SimKD's teacher
+    classifier) overrides eval_logits(). Defaults are the plain distillation step and the student's own logits.
+  - teacher_train_mode (class attribute or the `teacher_train_mode` option): the mode the teacher runs in during
+    training (MD's OFD: BN in train mode)
 
 Plugins register with @register_method("name") in `kdbench/methods/<name>.py`, or from
 another package through the entry-point group "kdbench.methods".
@@ -19,12 +26,13 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib.metadata import entry_points
 from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from kdbench.data.loader import Batch
@@ -33,6 +41,24 @@ from kdbench.models.base import TapModel
 from kdbench.registry import Registry
 
 Outputs = dict[str, torch.Tensor]
+
+
+class Options(dict):
+    """A method's config as plain data (name, label, weights and its own options), read as a dict or by attribute
+    (cfg.temperature); nested mappings are Options too."""
+
+    def __init__(self, data=()):
+        super().__init__({k: Options(v) if isinstance(v, dict) else v for k, v in dict(data).items()})
+
+    def __getattr__(self, key):
+        try:
+            return self[key]
+        except KeyError:
+            raise AttributeError(f"option '{key}' is not set") from None
+
+    @classmethod
+    def of(cls, cfg) -> "Options":
+        return cls(OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg)
 
 
 @dataclass
@@ -70,19 +96,60 @@ class Stage:
     weight_decay: float = 5e-4
 
 
+class StageStep:
+    """A pre-training stage as the loop trains it: the stage's loss over its own taps (no CE, no task part), with
+    the method's modules in train mode."""
+
+    def __init__(self, stage: Stage, method: "Method"):
+        self.stage, self.method = stage, method
+
+    def train(self, mode: bool = True):
+        self.method.train(mode)
+
+    def train_step(self, batch: Batch, step) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        with step.autocast():
+            teacher = step.teacher(batch) if step.teacher is not None else None
+            student = step.forward(batch.inputs, self.stage.student_taps)
+            total = self.stage.loss(batch, student, teacher)
+        terms = {self.stage.name: total}
+        step.update(self, total, terms)
+        return total, terms
+
+    def task_loss(self, terms, epoch: int) -> None:
+        return None
+
+
 class Method(nn.Module):
     student_taps: tuple[str, ...] = ()
     teacher_taps: tuple[str, ...] = ()
     needs_teacher: bool = True
     teacher_train_mode: bool = False  # MD's OFD runs the teacher's BN in train mode
+    task_terms: tuple[str, ...] = ("ce",)  # the terms a step policy that separates them (DOT) treats as the task
 
     def __init__(self, cfg, pair: PairInfo):
         super().__init__()
         self.method_name = str(cfg.name)
         self.weights = {str(k): float(v) for k, v in cfg.weights.items()}
+        self.teacher_train_mode = self.declared_teacher_train_mode(cfg)
+        self.kd_temperature = float(cfg.get("temperature", 4.0))  # for the base class's optional `kd` term
+
+    @classmethod
+    def declared_teacher_train_mode(cls, options) -> bool:
+        """The teacher's mode in training: the `teacher_train_mode` option, else the class's declaration."""
+        return bool(options.get("teacher_train_mode", cls.teacher_train_mode))
 
     def terms(self, batch: Batch, student: Outputs, teacher: Optional[Outputs]) -> dict[str, torch.Tensor]:
-        raise NotImplementedError
+        """The method's own unweighted loss terms (the base class adds `ce` and the optional `kd`)."""
+        return {}
+
+    def all_terms(self, batch: Batch, student: Outputs, teacher: Optional[Outputs]) -> dict[str, torch.Tensor]:
+        out = {"ce": cross_entropy(student, batch)} if "ce" in self.weights else {}
+        out.update(self.terms(batch, student, teacher))
+        if "kd" in self.weights and "kd" not in out:
+            from kdbench.methods.kd import kd_loss
+
+            out["kd"] = kd_loss(student["logits"], teacher["logits"], self.kd_temperature)
+        return out
 
     def term_weights(self, epoch: int) -> dict[str, float]:
         """Weights for 1-indexed `epoch`; override for warm-ups."""
@@ -97,7 +164,7 @@ class Method(nn.Module):
 
     def loss(self, batch: Batch, student: Outputs, teacher: Optional[Outputs], epoch: int):
         """(weighted total, unweighted terms). Terms with weight 0 are computed for logging but not summed."""
-        terms = self.terms(batch, student, teacher)
+        terms = self.all_terms(batch, student, teacher)
         weights = self.term_weights(epoch)
         missing = terms.keys() - weights.keys()
         if missing:
@@ -105,6 +172,34 @@ class Method(nn.Module):
                                f"set method.weights.<term> in its config")
         total = sum(weights[k] * v for k, v in terms.items() if weights[k] != 0)
         return total, terms
+
+    def task_loss(self, terms: dict[str, torch.Tensor], epoch: int) -> Optional[torch.Tensor]:
+        """The weighted task part of the total (None when it has weight 0), for step policies that separate it."""
+        weights, task = self.term_weights(epoch), None
+        for k in self.task_terms:
+            if k in terms and weights.get(k, 0.0):
+                task = weights[k] * terms[k] if task is None else task + weights[k] * terms[k]
+        return task
+
+    # -- the training step and evaluation; override only when the method needs another one
+
+    def forward_loss(self, batch: Batch, step) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Teacher outputs, student forward and loss for one batch (under the step's autocast)."""
+        teacher = step.teacher(batch) if step.teacher is not None else None
+        student = step.forward(batch.inputs, self.student_taps)
+        return self.loss(batch, student, teacher, step.epoch)
+
+    def train_step(self, batch: Batch, step) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """One optimisation step; returns (total, terms) for the epoch's means. `step` is kdbench.train.StepContext:
+        the student's forward, the teacher outputs, the step policy, the epoch and the autocast context."""
+        with step.autocast():
+            total, terms = self.forward_loss(batch, step)
+        step.update(self, total, terms)
+        return total, terms
+
+    def eval_logits(self, student: TapModel, inputs: torch.Tensor) -> torch.Tensor:
+        """The logits a run is evaluated on (default: the student's own)."""
+        return student(inputs)
 
 
 def cross_entropy(student: Outputs, batch: Batch) -> torch.Tensor:
@@ -141,6 +236,8 @@ def method_class(name: str) -> type[Method]:
 
 
 def create_method(cfg, pair: PairInfo) -> Method:
+    """Build a method from its config (an Options, a dict or a composed DictConfig) for a pair."""
+    cfg = Options.of(cfg)
     method = method_class(cfg.name)(cfg, pair)
     for side, taps, model in (("student", method.student_taps, pair.student), ("teacher", method.teacher_taps, pair.teacher)):
         missing = [t for t in taps if model is None or t not in model.tap_names]

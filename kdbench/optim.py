@@ -1,14 +1,18 @@
-"""Optimizers: SGD, Adam, and DOT (Zhao et al. ICCV 2023, mdistiller's "distillation-oriented trainer").
+"""How parameters move: optimizers (SGD, Adam, DOT), LR schedules, and the step policy the loop calls once per batch.
 
-DOT keeps two momentum buffers per parameter: one for the task (CE) gradient, one for the distillation gradient
-(every other loss term), with momenta mu - delta and mu + delta. It needs the two gradients separately, so the
-training step calls `backward_step(distill_loss, task_loss)` instead of `backward(); step()`.
+DOT (Zhao et al. ICCV 2023, mdistiller's "distillation-oriented trainer") keeps two momentum buffers per parameter:
+one for the task gradient, one for the distillation gradient (every other loss term), with momenta mu - delta and
+mu + delta. It needs the two gradients separately, so its step policy asks the method for the weighted task part
+of the loss (Method.task_loss: the CE term) and calls `DOT.backward_step(distill_loss, task_loss)`.
 """
 from __future__ import annotations
 
-import torch
-from omegaconf import DictConfig
+import math
+from typing import Optional
 
+import torch
+
+from kdbench.config import OptimConfig, ScheduleConfig
 from kdbench.errors import KDBenchError
 
 
@@ -60,7 +64,7 @@ class DOT(torch.optim.Optimizer):
                     p.sub_(lr * state["distill_buf"])
 
 
-def build_optimizer(params, optim: DictConfig) -> torch.optim.Optimizer:
+def build_optimizer(params, optim: OptimConfig) -> torch.optim.Optimizer:
     if optim.name == "sgd":
         return torch.optim.SGD(params, lr=optim.lr, momentum=optim.momentum, nesterov=optim.nesterov,
                                weight_decay=optim.weight_decay)
@@ -69,18 +73,6 @@ def build_optimizer(params, optim: DictConfig) -> torch.optim.Optimizer:
     if optim.name == "dot":
         return DOT(params, lr=optim.lr, momentum=optim.momentum, delta=optim.delta, weight_decay=optim.weight_decay)
     raise KDBenchError(f"unknown optimizer '{optim.name}'; use optim=sgd, adam or dot")
-
-
-def backward_step(optimizer: torch.optim.Optimizer, total: torch.Tensor, task: torch.Tensor | None) -> None:
-    """One update from a loss whose `task` part (weighted CE, None if absent) DOT treats separately."""
-    if isinstance(optimizer, DOT):
-        if task is None:
-            raise KDBenchError("optim=dot separates the CE gradient from the distillation gradient; give the method "
-                               "a non-zero method.weights.ce or use optim=sgd")
-        optimizer.backward_step(total - task, task)
-    else:
-        total.backward()
-        optimizer.step()
 
 
 @torch.no_grad()
@@ -92,3 +84,59 @@ def apply_max_norm(optimizer: torch.optim.Optimizer, max_norm: float) -> None:
             if p.dim() >= 2:
                 norms = p.flatten(1).norm(dim=1).clamp_min(1e-12)
                 p.mul_((max_norm / norms).clamp(max=1.0).view(-1, *[1] * (p.dim() - 1)))
+
+
+class StepPolicy:
+    """One update from a batch's loss: zero the gradients, backward, optimizer step, then the weight constraint
+    (max-norm) if any. `separates_task` policies (DOT) also get the loss's weighted task part."""
+
+    separates_task = False
+
+    def __init__(self, optimizer: torch.optim.Optimizer, max_norm: Optional[float] = None):
+        self.optimizer = optimizer
+        self.max_norm = max_norm
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def step(self, total: torch.Tensor, task: Optional[torch.Tensor] = None) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        self._update(total, task)
+        if self.max_norm:
+            apply_max_norm(self.optimizer, self.max_norm)
+
+    def _update(self, total, task) -> None:
+        total.backward()
+        self.optimizer.step()
+
+
+class DOTStep(StepPolicy):
+    separates_task = True
+
+    def _update(self, total, task) -> None:
+        if task is None:
+            raise KDBenchError("optim=dot separates the task (CE) gradient from the distillation gradient; give the "
+                               "method a non-zero method.weights.ce or use optim=sgd")
+        self.optimizer.backward_step(total - task, task)
+
+
+def build_step(params, optim: OptimConfig) -> StepPolicy:
+    optimizer = build_optimizer(params, optim)
+    return (DOTStep if isinstance(optimizer, DOT) else StepPolicy)(optimizer, optim.max_norm)
+
+
+def constant_sgd_step(params, lr: float, momentum: float, weight_decay: float) -> StepPolicy:
+    """The pre-training stages' policy (RepDistiller's init stage): plain SGD at a constant LR."""
+    return StepPolicy(torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay))
+
+
+def lr_at(epoch: int, base_lr: float, schedule: ScheduleConfig, epochs: int) -> float:
+    """LR for 1-indexed `epoch`, set once per epoch. step: the CRD rule lr0 * gamma^#{m : epoch > m}."""
+    if schedule.name == "step":
+        return base_lr * schedule.gamma ** sum(epoch > m for m in schedule.milestones)
+    if schedule.name == "cosine":
+        return schedule.min_lr + (base_lr - schedule.min_lr) * 0.5 * (1 + math.cos(math.pi * (epoch - 1) / epochs))
+    if schedule.name == "constant":
+        return base_lr
+    raise KDBenchError(f"unknown schedule '{schedule.name}'; use step, cosine or constant")

@@ -1,14 +1,15 @@
 """Dry runs (`dry_run=true`): what each job of a sweep would train and roughly what it costs, before any GPU time.
 
-A job's plan needs no data and trains nothing: train-set sizes come from a table, forward FLOPs from one
-batch-1 forward of the freshly built model under torch's FlopCounterMode, and whether a teacher must be trained
-first from the teacher store's meta.json. Each job writes its plan to `plan.json` in its output dir, so the
+A job's plan walks the same resolved Job (kdbench.job) the run walks, but needs no data and trains nothing:
+train-set sizes come from the datasets' known sizes (kdbench.data.datasets), forward FLOPs from one batch-1 forward
+of the freshly built model under torch's FlopCounterMode, and whether a teacher must be trained first from the
+teacher store. Each job writes its plan to `plan.json` in its output dir, so the
 sweep's totals can be summed at the end whichever launcher ran the jobs (in-process or in workers).
 
 Cost model (training FLOPs, the usual 3x forward for forward + backward):
   student   3 x forward x samples x epochs
   teacher   forward x samples x (1 when its outputs are cached, else epochs)
-  training  a teacher not yet in the store costs its own job's plan (its recipe, via teacher_run_config),
+  training  a teacher not yet in the store costs its own job's plan (Job.teacher.job),
             recursively for teaching-assistant chains, counted once per store entry across the sweep
 """
 from __future__ import annotations
@@ -19,41 +20,20 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from omegaconf import DictConfig, OmegaConf
 from torch.utils.flop_counter import FlopCounterMode
 
-from kdbench.distill import method_class
-from kdbench.errors import KDBenchError
-from kdbench.io import config_hash, write_json
+from kdbench.data import planned_train_size
+from kdbench.io import write_json
+from kdbench.job import Job, ModelSpec
 from kdbench.models import create_model
-from kdbench.teachers import META_FILE, teacher_run_config
-from kdbench.train import labels_of, semantic_config
+from kdbench.teachers import TeacherStore, cache_is_exact
 
 PLAN_FILE = "plan.json"
-# Training-set sizes before train_size / exclude_train_classes, so that planning never needs the data.
-# digits: kdbench's stratified 80/20 split of scikit-learn's 1797 images (kdbench.data.datasets._digits).
-TRAIN_SIZES = {"cifar10": 50_000, "cifar100": 50_000, "mnist": 60_000, "digits": 1_437}
-SYNTHETIC_DEFAULT_SIZE = 1_000  # kdbench.data.datasets._synthetic without dataset.train_size
 FOOTNOTE = ("Estimate: training = 3 x forward FLOPs (torch FlopCounterMode: convolutions and matmuls) per sample "
             "and epoch; the teacher's forward once per sample when its outputs are cached (no augmentation), else "
             "every epoch. Not counted: method heads/embeddings and pre-training stages, test-set evaluation, "
             "whether cached teacher outputs fit in trainer.teacher_cache_gb. exclude_train_classes is approximated "
             "as 1/num_classes of the training set per excluded class.")
-
-
-def train_samples(ds: DictConfig) -> int:
-    """The number of training samples load_splits would give, from known set sizes (no data needed)."""
-    if ds.name == "synthetic":
-        full = ds.train_size or SYNTHETIC_DEFAULT_SIZE
-    elif ds.name in TRAIN_SIZES:
-        full = TRAIN_SIZES[ds.name]
-    else:
-        raise KDBenchError(f"dry run: no known training-set size for dataset '{ds.name}'; add it to "
-                           f"kdbench.plan.TRAIN_SIZES")
-    kept = round(full * (1 - len(ds.exclude_train_classes or []) / ds.num_classes))
-    if ds.train_size is not None and ds.name != "synthetic":
-        kept = min(kept, ds.train_size)
-    return kept
 
 
 @lru_cache(maxsize=None)
@@ -67,41 +47,37 @@ def _forward_flops(model_json: str, num_classes: int, input_shape: tuple[int, ..
     return int(counter.get_total_flops())
 
 
-def forward_flops(model_cfg: DictConfig, ds: DictConfig) -> int:
-    """FLOPs of one sample's forward pass (eval mode), cached per (model config, classes, input shape)."""
-    model_json = json.dumps(OmegaConf.to_container(model_cfg, resolve=True), sort_keys=True)
-    return _forward_flops(model_json, int(ds.num_classes), tuple(ds.image_shape))
+def forward_flops(model: ModelSpec, dataset) -> int:
+    """FLOPs of one sample's forward pass (eval mode), cached per (model, classes, input shape)."""
+    model_json = json.dumps({"name": model.name, **model.kwargs}, sort_keys=True)
+    return _forward_flops(model_json, int(dataset.num_classes), tuple(dataset.image_shape))
 
 
-def teacher_outputs_cached(cfg: DictConfig) -> bool:
-    """The config-decided conditions of train.cached_teacher: no augmentation, teacher in eval mode, cache on."""
-    method_mode = cfg.method.get("teacher_train_mode", method_class(cfg.method.name).teacher_train_mode)
-    ds = cfg.dataset
-    return bool(cfg.trainer.teacher_cache) and not ds.crop_padding and not ds.hflip and not method_mode
+def teacher_outputs_cached(job: Job) -> bool:
+    """Whether the run would cache its teacher's outputs (the conditions the run checks before the size budget)."""
+    augmented = bool(job.dataset.crop_padding) or bool(job.dataset.hflip)
+    return job.trainer.teacher_cache and cache_is_exact(augmented, job.teacher_train_mode)
 
 
-def plan_job(cfg: DictConfig) -> dict:
+def plan_job(job: Job) -> dict:
     """The job's labels, epochs and FLOPs, and how its teacher is obtained (with the plan of its training when
     it is not in the store yet). The job's own `flops` leave out teacher training, which sweeps count once."""
-    ds = cfg.dataset
-    labels = labels_of(cfg)
-    samples, epochs = train_samples(ds), int(cfg.trainer.epochs)
-    plan = {"labels": labels, "seed": int(cfg.seed), "epochs": epochs, "samples": samples,
-            "flops": 3 * forward_flops(cfg.student.model, ds) * samples * epochs, "teacher": None}
-    if labels["teacher"] is None:
+    ds = job.dataset
+    samples, epochs = planned_train_size(ds), int(job.trainer.epochs)
+    plan = {"labels": job.labels, "seed": job.seed, "epochs": epochs, "samples": samples,
+            "flops": 3 * forward_flops(job.student, ds) * samples * epochs, "teacher": None}
+    if job.teacher is None:
         return plan
-    cached = teacher_outputs_cached(cfg)
-    plan["flops"] += forward_flops(cfg.teacher.model, ds) * samples * (1 if cached else epochs)
-    teacher = plan["teacher"] = {"label": labels["teacher"], "cached": cached}
-    if cfg.teacher.checkpoint:
-        teacher.update(source="checkpoint", path=str(cfg.teacher.checkpoint))
+    cached = teacher_outputs_cached(job)
+    plan["flops"] += forward_flops(job.teacher.model, ds) * samples * (1 if cached else epochs)
+    teacher = plan["teacher"] = {"label": job.labels["teacher"], "cached": cached}
+    if job.teacher.checkpoint is not None:
+        teacher.update(source="checkpoint", path=str(job.teacher.checkpoint))
         return plan
-    teacher_cfg = teacher_run_config(cfg)
-    key = f"{cfg.teacher.label}-{config_hash(semantic_config(teacher_cfg))}"
-    stored = (Path(cfg.paths.teacher_store) / key / META_FILE).exists()
-    teacher.update(source="store" if stored else "train", key=key)
+    stored = TeacherStore(job.teacher_store).entry(job.teacher.entry).exists()
+    teacher.update(source="store" if stored else "train", key=job.teacher.entry)
     if not stored:
-        teacher["training"] = plan_job(teacher_cfg)
+        teacher["training"] = plan_job(job.teacher.job)
     return plan
 
 
@@ -165,17 +141,17 @@ def format_job(plan: dict, tflops: float) -> str:
     return f"{line}  {note}" if note else line
 
 
-def dry_run_job(cfg: DictConfig, out_dir: Path, job: Optional[int]) -> dict:
-    """Plan one job, print its line and keep the plan (or why planning failed) in out_dir/plan.json."""
-    out_dir = Path(out_dir)
-    try:
-        plan = {"job": job, **plan_job(cfg)}
-    except Exception as err:
-        write_json(out_dir / PLAN_FILE, {"job": job, "error": f"{type(err).__name__}: {err}"})
-        raise
-    write_json(out_dir / PLAN_FILE, plan)
-    print(format_job(plan, cfg.dry_run_tflops), flush=True)
+def dry_run_job(job: Job, out_dir: Path, number: Optional[int], tflops: float) -> dict:
+    """Plan one job, print its line and keep the plan in out_dir/plan.json."""
+    plan = {"job": number, **plan_job(job)}
+    write_json(Path(out_dir) / PLAN_FILE, plan)
+    print(format_job(plan, tflops), flush=True)
     return plan
+
+
+def dry_run_failed(out_dir: Path, number: Optional[int], err: BaseException) -> None:
+    """Keep why a job could not be planned (resolving it or planning it failed) in out_dir/plan.json."""
+    write_json(Path(out_dir) / PLAN_FILE, {"job": number, "error": f"{type(err).__name__}: {err}"})
 
 
 def load_plans(sweep_dir: Path) -> list[dict]:

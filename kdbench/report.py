@@ -20,19 +20,17 @@ from pathlib import Path
 
 import pandas as pd
 
+from kdbench.config import override_key, semantic_overrides
 from kdbench.io import write_json
 from kdbench.record import RECORD_FILE
 
-PAPER_DIR = Path(__file__).resolve().parents[1] / "results" / "paper"
+PAPER_DIR = Path(__file__).resolve().parent / "paper"  # published numbers, shipped with the package
 KEYS = ["dataset", "teacher", "student", "method"]
 # Smallest tolerance (top-1 percentage points) per dataset, for when our seeds happen to agree closely:
 # roughly the run-to-run spread reported for each benchmark (CIFAR-100: +-0.5-1 point, RepDistiller#62).
 TOLERANCE_FLOOR = {"cifar100": 0.5, "cifar10": 0.3, "mnist": 0.1, "digits": 1.0, "synthetic": 2.0}
 DEFAULT_FLOOR = 0.5
 _GROUP_CHOICES = {"seed", "method", "dataset", "teacher", "student"}
-# Overrides that do not change results (where and how a job runs) never split a leaderboard row.
-_NON_SEMANTIC = ("hydra", "paths", "logger", "trainer.progress", "trainer.device", "trainer.resume",
-                 "trainer.num_workers", "trainer.data_on_device", "trainer.eval_batch_size", "trainer.teacher_cache")
 
 
 def find_records(paths) -> list[Path]:
@@ -43,12 +41,9 @@ def find_records(paths) -> list[Path]:
 
 
 def _setting(overrides) -> str:
-    """Overrides other than the grouping choices and the seed: runs with different settings are not averaged."""
-    def semantic(override: str) -> bool:
-        key = override.split("=", 1)[0].lstrip("+~")
-        return key not in _GROUP_CHOICES and not key.startswith(_NON_SEMANTIC) and not override.startswith("(")
-
-    keep = [o for o in overrides or [] if semantic(o)]
+    """The overrides that change a result (kdbench.config.NON_SEMANTIC left out) other than the grouping choices
+    and the seed: runs with different settings are not averaged."""
+    keep = [o for o in semantic_overrides(overrides or []) if override_key(o) not in _GROUP_CHOICES]
     return " ".join(sorted(keep))
 
 

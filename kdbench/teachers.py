@@ -1,130 +1,152 @@
-"""Teachers: loaded from a checkpoint, or trained once with the vanilla recipe into a content-addressed store.
+"""Teachers at run time: the content-addressed store, and the teacher-outputs object the training loop reads.
 
-The store key is the hash of everything that determines the trained weights (architecture, dataset, recipe,
-seed). The sha256 of the weights file is recorded at save time and verified at every load. A file lock makes
-parallel jobs of one sweep train a shared teacher once and wait for it.
+The store: `<teacher_store>/<label>-<key>/` holds `teacher.pt` (the weights), `meta.json` (key, sha256, the config
+that trained it) and `train/` (that job's record). The key is the hash of the semantic config of the job that
+trains the teacher (kdbench.job builds it), so architecture, data, recipe and seed all count. The sha256 of the
+weights is recorded at save time and verified at every load; a file lock makes parallel jobs train a shared
+teacher once and wait for it.
 
-A teacher config may say how it is trained instead of vanilla CE: `distill: {from: <teacher config>, method:
-<method config>}` (teaching assistants, TAKD; see conf/experiment/takd_plain_cnn_c100.yaml). Such a teacher is
-trained by a distillation job (student = its model, teacher = `distill.from`, method = `distill.method`), stored
-under the hash of that job's whole config, which contains the `from` teacher's config, so chains nest.
+TeacherOutputs: what a method sees of the teacher for a batch, either one live forward (no gradients, in the mode
+the method declares) or a gather from outputs computed once per training sample, when that is exact.
 """
 from __future__ import annotations
 
-import copy
 import fcntl
 import json
+import math
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Iterator, Optional
 
 import torch
-from omegaconf import DictConfig, OmegaConf, open_dict
 
-from kdbench.errors import CorruptCheckpoint, KDBenchError
-from kdbench.io import config_hash, ensure_writable_dir, load_torch, save_torch, sha256_file, write_json
-from kdbench.models import TapModel, load_reference_checkpoint
+from kdbench.errors import CorruptCheckpoint
+from kdbench.io import ensure_writable_dir, load_torch, save_torch, sha256_file, write_json
+from kdbench.models import TapModel
 
 WEIGHTS_FILE = "teacher.pt"
 META_FILE = "meta.json"
+TRAIN_DIR = "train"
 
 
-def _leaves(tree: dict, prefix: str = "") -> dict:
-    """{"optim": {"lr": 0.01}} and {"optim.lr": 0.01} both -> {"optim.lr": 0.01}: recipe entries override leaves."""
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(_leaves(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
+@dataclass(frozen=True)
+class StoreEntry:
+    directory: Path
+
+    @property
+    def name(self) -> str:
+        return self.directory.name
+
+    @property
+    def weights(self) -> Path:
+        return self.directory / WEIGHTS_FILE
+
+    @property
+    def meta(self) -> Path:
+        return self.directory / META_FILE
+
+    @property
+    def train_dir(self) -> Path:
+        return self.directory / TRAIN_DIR
+
+    def exists(self) -> bool:
+        """Whether the entry is complete (its meta.json is written last)."""
+        return self.meta.exists()
 
 
-def teacher_run_config(cfg: DictConfig) -> DictConfig:
-    """The config the teacher is trained with: the run's recipe, the teacher's seed and recipe overrides, and
-    vanilla CE, or, when the teacher config has `distill: {from, method}`, that method with `from` as its teacher."""
-    tcfg = copy.deepcopy(cfg)
-    recipe_cfg = cfg.teacher.get("recipe")
-    recipe = _leaves(OmegaConf.to_container(recipe_cfg, resolve=True)) if recipe_cfg else {}
-    distill = cfg.teacher.get("distill")
-    with open_dict(tcfg):
-        tcfg.student = {"model": cfg.teacher.model, "label": cfg.teacher.label}
-        if distill:
-            if not distill.get("from") or not distill.get("method"):
-                raise KDBenchError(f"teacher '{cfg.teacher.label}': teacher.distill needs both 'from' (a teacher "
-                                   f"config) and 'method' (a method config)")
-            tcfg.teacher = copy.deepcopy(distill["from"])
-            tcfg.method = copy.deepcopy(distill.method)
-            # This teacher's recipe overrides must not leak into how its own teacher is trained: pin the run's
-            # original values in the `from` teacher's recipe (its own recipe entries still win).
-            pinned = {k: OmegaConf.select(cfg, k) for k in recipe if OmegaConf.select(cfg, k) is not None}
-            tcfg.teacher.recipe = {**pinned, **(tcfg.teacher.get("recipe") or {})}
-        else:
-            tcfg.method = {"name": "vanilla", "weights": {"ce": 1.0}}
-        tcfg.seed = cfg.teacher.seed
-        tcfg.logger = {"name": "none"}
-        for key, value in recipe.items():
-            OmegaConf.update(tcfg, key, value, merge=False)
-        if not distill:
-            # Applied above; keeping it would make two recipes that produce the same job store two teachers.
-            tcfg.teacher.recipe = {}
-    return tcfg
+class TeacherStore:
+    def __init__(self, root: Path):
+        self.root = Path(root)
+
+    def entry(self, name: str) -> StoreEntry:
+        return StoreEntry(self.root / name)
+
+    @contextmanager
+    def lock(self, entry: StoreEntry) -> Iterator[bool]:
+        """Hold the entry's lock; yields whether another process held it first (we waited for it)."""
+        ensure_writable_dir(entry.directory)
+        with open(entry.directory / ".lock", "w") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                waited = False
+            except BlockingIOError:
+                fcntl.flock(handle, fcntl.LOCK_EX)
+                waited = True
+            try:
+                yield waited
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def put(self, entry: StoreEntry, state_dict: dict, key: str, config: dict) -> None:
+        save_torch(entry.weights, {"model": state_dict})
+        write_json(entry.meta, {"key": key, "sha256": sha256_file(entry.weights), "config": config,
+                                "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+
+    def load(self, entry: StoreEntry) -> tuple[dict, str]:
+        """(the stored checkpoint, its sha256) after checking the file against the recorded sha256."""
+        meta = json.loads(entry.meta.read_text())
+        if not entry.weights.exists() or sha256_file(entry.weights) != meta["sha256"]:
+            raise CorruptCheckpoint(f"stored teacher {entry.weights} is missing or does not match its recorded sha256; "
+                                    f"delete {entry.directory} and it will be retrained")
+        return load_torch(entry.weights, "stored teacher"), meta["sha256"]
 
 
-@contextmanager
-def _locked(directory: Path):
-    ensure_writable_dir(directory)
-    with open(directory / ".lock", "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+# ----------------------------------------------------------------------------- the outputs the loop reads
 
 
-STUDENT_ONLY = ("method", "student", "seed", "pair")  # override keys (and their subkeys) that never shape a teacher
+def cache_is_exact(augmented: bool, train_mode: bool) -> bool:
+    """Whether one teacher forward per sample gives every step's outputs exactly: only when a sample's input never
+    changes (no random augmentation) and the teacher's forward does not depend on the batch (eval mode)."""
+    return not augmented and not train_mode
 
 
-def store_overrides(job_overrides) -> tuple[str, ...]:
-    """The overrides a stored teacher's training record keeps from the job that trained it: all but the student's
-    own (method, student, seed, pair) and teacher.seed (the record's seed), so that leaderboards tell apart
-    teachers trained with different recipes and average one recipe's teachers over their seeds."""
-    def shapes_teacher(override: str) -> bool:
-        key = override.split("=", 1)[0].lstrip("+~")
-        return key.split(".")[0] not in STUDENT_ONLY and key != "teacher.seed"
-
-    return ("(teacher for the store)", *(o for o in job_overrides if shapes_teacher(o)))
+def cache_bytes(shapes: dict[str, tuple[int, ...]], taps, num_samples: int) -> int:
+    """fp32 bytes of the cached outputs (the taps and the logits) for every training sample."""
+    return 4 * num_samples * sum(math.prod(shapes[t]) for t in {*taps, "logits"})
 
 
-def obtain_teacher(cfg: DictConfig, data, device: torch.device, job_overrides=()) -> tuple[TapModel, dict]:
-    """(frozen teacher in eval mode on `device`, provenance for the run record)."""
-    from kdbench.train import build_model, run, semantic_config
+class TeacherOutputs:
+    """The teacher's outputs (`taps` and the logits) for a batch: a live forward under no_grad in `train_mode`,
+    or, after build_cache(), a gather by batch.indices from outputs computed once per sample."""
 
-    teacher = build_model(cfg.teacher.model, data)
-    if cfg.teacher.checkpoint:
-        path = Path(cfg.teacher.checkpoint).expanduser()
-        load_reference_checkpoint(teacher, load_torch(path, "teacher checkpoint"))
-        source = {"kind": "checkpoint", "path": str(path), "sha256": sha256_file(path)}
-    else:
-        tcfg = teacher_run_config(cfg)
-        key = config_hash(semantic_config(tcfg))
-        directory = Path(cfg.paths.teacher_store) / f"{cfg.teacher.label}-{key}"
-        weights, meta_path = directory / WEIGHTS_FILE, directory / META_FILE
-        with _locked(directory):
-            if not meta_path.exists():
-                run(tcfg, directory / "train", overrides=store_overrides(job_overrides))
-                save_torch(weights, {"model": torch.load(directory / "train" / "checkpoint.pt", weights_only=False)["student"]})
-                (directory / "train" / "checkpoint.pt").unlink()
-                write_json(meta_path, {"key": key, "sha256": sha256_file(weights), "config": semantic_config(tcfg),
-                                       "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds")})
-        meta = json.loads(meta_path.read_text())
-        if not weights.exists() or sha256_file(weights) != meta["sha256"]:
-            raise CorruptCheckpoint(f"stored teacher {weights} is missing or does not match its recorded sha256; "
-                                    f"delete {directory} and it will be retrained")
-        load_reference_checkpoint(teacher, load_torch(weights, "stored teacher"))
-        source = {"kind": "store", "path": str(weights), "sha256": meta["sha256"], "key": key}
-        if cfg.teacher.get("distill"):
-            source["distilled_from"] = str(tcfg.teacher.label)
-            source["distill_method"] = str(tcfg.method.get("label") or tcfg.method.name)
-    teacher.to(device).eval().requires_grad_(False)
-    return teacher, source
+    def __init__(self, model: TapModel, taps, train_mode: bool):
+        self.model = model
+        self.taps = tuple(taps)
+        self.train_mode = train_mode
+        self.cache: Optional[dict[str, torch.Tensor]] = None
+
+    @property
+    def cached(self) -> bool:
+        return self.cache is not None
+
+    def with_taps(self, taps) -> "TeacherOutputs":
+        """Live outputs of other taps in the same mode (a method's pre-training stage)."""
+        return TeacherOutputs(self.model, taps, self.train_mode)
+
+    def start_epoch(self) -> None:
+        self.model.train(self.train_mode)
+
+    def build_cache(self, loader, autocast) -> None:
+        """Compute every training sample's outputs once (loader order and augmentation do not matter: exact only
+        without augmentation, see cache_is_exact)."""
+        self.model.eval()
+        outputs: dict[str, torch.Tensor] = {}
+        for batch in loader.epoch(0):
+            with autocast():
+                out = self._forward(batch.inputs)
+            for name in (*self.taps, "logits"):
+                if name not in outputs:
+                    outputs[name] = out[name].new_empty(loader.num_samples, *out[name].shape[1:])
+                outputs[name][batch.indices] = out[name]
+        self.cache = outputs
+
+    def _forward(self, inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+        with torch.no_grad():
+            return self.model.forward_taps(inputs, self.taps)
+
+    def __call__(self, batch) -> dict[str, torch.Tensor]:
+        if self.cache is not None:
+            return {name: value[batch.indices] for name, value in self.cache.items()}
+        return self._forward(batch.inputs)

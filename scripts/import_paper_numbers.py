@@ -1,7 +1,7 @@
-"""Convert rows of the shared reference table (paper_numbers.csv) into results/paper/<paper>.csv in kdbench's
+"""Convert rows of the shared reference table (paper_numbers.csv) into kdbench/paper/<paper>.csv in kdbench's
 vocabulary (dataset/model/method names as kdbench registers them, metric top1 or test_errors, protocol last/best).
 
-    python scripts/import_paper_numbers.py [../shared/reference/paper_numbers.csv] [--out results/paper]
+    python scripts/import_paper_numbers.py [../shared/reference/paper_numbers.csv] [--out kdbench/paper]
 
 Only rows kdbench can run and compare are imported; each keeps its source, confidence and note. One row per
 (dataset, teacher, student, method, metric) and paper: the first wins. A baseline repeated in the same table with
@@ -28,15 +28,17 @@ import csv
 import re
 from pathlib import Path
 
+from kdbench.models import list_models
+
 REPO = Path(__file__).resolve().parents[1]
-OUT = REPO / "results" / "paper"
+OUT = REPO / "kdbench" / "paper"
 SRC = REPO.parent / "shared" / "reference" / "paper_numbers.csv"
-MODELS = {p.stem for p in (REPO / "conf" / "model").glob("*.yaml")}
+MODELS = set(list_models())
 COLUMNS = ["paper", "table", "dataset", "teacher", "student", "method", "metric", "value", "protocol", "runs",
            "experiments", "source", "confidence", "note"]
 # The experiments whose recipe each paper's rows follow (conf/experiment); the report compares a row only with runs of
 # these (or runs made without an experiment). The CIFAR-100 benchmark papers share one recipe and one set of teachers.
-CIFAR100_BENCHMARK = ("cifar100_crd crd_cifar100_same crd_cifar100_cross dkd_cifar100_same dkd_cifar100_cross dot_cifar100 "
+CIFAR100_BENCHMARK = ("crd_cifar100_same crd_cifar100_cross dkd_cifar100_same dkd_cifar100_cross dot_cifar100 "
                       "ban_cifar100")
 EXPERIMENTS = {"Tian2020_CRD": CIFAR100_BENCHMARK, "Zhao2022_DKD": CIFAR100_BENCHMARK, "Zhao2023_DOT": CIFAR100_BENCHMARK,
                "AT2017": "at_cifar10_wrn", "YimFSP2017": "fsp_cifar10 fsp_cifar100", "TAKD2020": "takd_cifar10 takd_cifar100",

@@ -15,7 +15,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf, open_dict
 
-from kdbench.blocks import ConvReg, attention_map, conv_reg_layer, feature_map_shapes, match_spatial
+from kdbench.methods.common import ConvReg, attention_map, conv_reg_layer, feature_map_shapes, match_spatial
 from kdbench.distill import PairInfo, create_method
 from kdbench.errors import IncompatibleModels
 from kdbench.models import count_parameters, create_model, probe_taps

@@ -1,5 +1,7 @@
 """Datasets (raw tensors) and loaders (device-side normalisation and replayable augmentation)."""
-from kdbench.data.datasets import DATASETS, Split, list_datasets, load_splits
+from kdbench.data.datasets import DATASETS, Split, dataset_label, list_datasets, load_splits, planned_train_size
 from kdbench.data.loader import Augment, Batch, DeviceLoader, StreamLoader
+from kdbench.data.prepare import Data, prepare_data
 
-__all__ = ["DATASETS", "Augment", "Batch", "DeviceLoader", "Split", "StreamLoader", "list_datasets", "load_splits"]
+__all__ = ["DATASETS", "Augment", "Batch", "Data", "DeviceLoader", "Split", "StreamLoader", "dataset_label",
+           "list_datasets", "load_splits", "planned_train_size", "prepare_data"]

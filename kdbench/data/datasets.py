@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from kdbench.errors import DataNotFound
+from kdbench.errors import DataNotFound, KDBenchError
 from kdbench.registry import Registry
 
 
@@ -27,10 +27,42 @@ class Split:
 
 
 DATASETS: Registry = Registry("dataset")
+# Full training-set sizes (before train_size / exclude_train_classes), so that a dry run needs no data.
+# digits: kdbench's stratified 80/20 split of scikit-learn's 1797 images (_digits below).
+TRAIN_SIZES = {"cifar10": 50_000, "cifar100": 50_000, "mnist": 60_000, "digits": 1_437}
+SYNTHETIC_DEFAULT_SIZE = 1_000  # _synthetic without dataset.train_size
 
 
 def list_datasets() -> list[str]:
     return DATASETS.names()
+
+
+def planned_train_size(cfg) -> int:
+    """The number of training samples load_splits would give, from known set sizes (no data needed);
+    exclude_train_classes is approximated as 1/num_classes of the set per excluded class."""
+    if cfg.name == "synthetic":
+        full = cfg.train_size or SYNTHETIC_DEFAULT_SIZE
+    elif cfg.name in TRAIN_SIZES:
+        full = TRAIN_SIZES[cfg.name]
+    else:
+        raise KDBenchError(f"dry run: no known training-set size for dataset '{cfg.name}'; add it to "
+                           f"kdbench.data.datasets.TRAIN_SIZES")
+    kept = round(full * (1 - len(cfg.exclude_train_classes or []) / cfg.num_classes))
+    if cfg.train_size is not None and cfg.name != "synthetic":
+        kept = min(kept, cfg.train_size)
+    return kept
+
+
+def dataset_label(cfg) -> str:
+    """The dataset as leaderboards name it: a transfer set without some classes is its own dataset, named by the
+    classes left out (mnist-no3) or, when fewer are kept, by those kept (mnist-only78)."""
+    excluded = sorted(int(c) for c in cfg.exclude_train_classes or [])
+    if not excluded:
+        return str(cfg.name)
+    kept = [c for c in range(int(cfg.num_classes)) if c not in excluded]
+    if len(kept) < len(excluded):
+        return f"{cfg.name}-only{''.join(map(str, kept))}"
+    return f"{cfg.name}-no{''.join(map(str, excluded))}"
 
 
 def load_splits(cfg) -> tuple[Split, Split]:
@@ -122,4 +154,4 @@ def _synthetic(cfg):
         images = torch.sigmoid(1.5 * prototypes[labels] + noise)
         return Split(images, labels)
 
-    return make(cfg.train_size or 1000), make(cfg.test_size or 200)
+    return make(cfg.train_size or SYNTHETIC_DEFAULT_SIZE), make(cfg.test_size or 200)

@@ -19,8 +19,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kdbench.distill import Method, Stage, cross_entropy, register_method
-from kdbench.methods._common import conv_reg, feature_parameters, shape_str, stage_pairs
+from kdbench.distill import Method, Stage, register_method
+from kdbench.methods.common import conv_reg, feature_parameters, shape_str, stage_pairs
 
 
 def ab_level_loss(source: torch.Tensor, target: torch.Tensor, margin: float = 1.0) -> torch.Tensor:
@@ -91,6 +91,3 @@ class AB(Method):
 
     def trainable_parameters(self):
         return []
-
-    def terms(self, batch, student, teacher):
-        return {"ce": cross_entropy(student, batch)}

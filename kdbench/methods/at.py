@@ -11,8 +11,8 @@ from typing import Sequence
 
 import torch
 
-from kdbench.blocks import attention_map, feature_map_shapes, match_spatial
-from kdbench.distill import Method, cross_entropy, register_method
+from kdbench.methods.common import attention_map, feature_map_shapes, match_spatial
+from kdbench.distill import Method, register_method
 
 
 def at_layer_loss(f_s: torch.Tensor, f_t: torch.Tensor, p: float = 2.0) -> torch.Tensor:
@@ -36,5 +36,4 @@ class AT(Method):
         feature_map_shapes(pair, self.method_name, self.student_taps, self.teacher_taps)
 
     def terms(self, batch, student, teacher):
-        return {"ce": cross_entropy(student, batch),
-                "at": at_loss([student[k] for k in self.student_taps], [teacher[k] for k in self.teacher_taps], self.p)}
+        return {"at": at_loss([student[k] for k in self.student_taps], [teacher[k] for k in self.teacher_taps], self.p)}

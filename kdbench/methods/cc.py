@@ -15,8 +15,8 @@ import math
 import torch
 from torch import nn
 
-from kdbench.distill import Method, cross_entropy, register_method
-from kdbench.methods._common import OptionalKD, flat_dim
+from kdbench.distill import Method, register_method
+from kdbench.methods.common import flat_dim
 
 
 def cc_reference_loss(e_s: torch.Tensor, e_t: torch.Tensor) -> torch.Tensor:
@@ -41,13 +41,12 @@ def cc_paper_loss(e_s: torch.Tensor, e_t: torch.Tensor, gamma: float = 0.4, orde
 
 
 @register_method("cc")
-class CC(OptionalKD, Method):
+class CC(Method):
     student_taps = ("embedding",)
     teacher_taps = ("embedding",)
 
     def __init__(self, cfg, pair):
         super().__init__(cfg, pair)
-        self._init_kd(cfg)
         self.variant = str(cfg.get("variant", "reference"))
         if self.variant not in ("reference", "paper"):
             raise ValueError(f"method.variant must be 'reference' or 'paper', got '{self.variant}'")
@@ -60,4 +59,4 @@ class CC(OptionalKD, Method):
         e_s = self.embed_s(student["embedding"].flatten(1))
         e_t = self.embed_t(teacher["embedding"].detach().flatten(1))
         loss = cc_reference_loss(e_s, e_t) if self.variant == "reference" else cc_paper_loss(e_s, e_t, self.gamma, self.order)
-        return {"ce": cross_entropy(student, batch), "cc": loss, **self._kd_terms(student, teacher)}
+        return {"cc": loss}

@@ -52,6 +52,5 @@ class ConditionalTS(Method):
                                                       f"teacher {pair.teacher_shapes['logits']}")
 
     def terms(self, batch, student, teacher):
-        return {"ce": cross_entropy(student, batch),
-                "cts": conditional_ts_loss(student["logits"], teacher["logits"], batch.targets, self.temperature,
+        return {"cts": conditional_ts_loss(student["logits"], teacher["logits"], batch.targets, self.temperature,
                                            self.soft_loss)}

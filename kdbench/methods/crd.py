@@ -22,8 +22,8 @@ import math
 import torch
 from torch import nn
 
-from kdbench.distill import Method, cross_entropy, register_method
-from kdbench.methods._common import OptionalKD, flat_dim
+from kdbench.distill import Method, register_method
+from kdbench.methods.common import flat_dim
 
 
 def nce_loss(probs: torch.Tensor, n_data: int, eps: float = 1e-7) -> torch.Tensor:
@@ -104,13 +104,12 @@ class Embed(nn.Module):
 
 
 @register_method("crd")
-class CRD(OptionalKD, Method):
+class CRD(Method):
     student_taps = ("embedding",)
     teacher_taps = ("embedding",)
 
     def __init__(self, cfg, pair):
         super().__init__(cfg, pair)
-        self._init_kd(cfg)
         labels = torch.as_tensor(pair.train_labels).long()
         self.n_data = n = len(labels)
         counts = torch.bincount(labels.cpu())
@@ -145,6 +144,4 @@ class CRD(OptionalKD, Method):
         return loss
 
     def terms(self, batch, student, teacher):
-        return {"ce": cross_entropy(student, batch),
-                "crd": self.crd_loss(student["embedding"], teacher["embedding"], batch.indices),
-                **self._kd_terms(student, teacher)}
+        return {"crd": self.crd_loss(student["embedding"], teacher["embedding"], batch.indices)}

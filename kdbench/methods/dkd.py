@@ -10,8 +10,8 @@ The warm-up scales both DKD terms per epoch (1-indexed; term_weights), CE is not
 import torch
 import torch.nn.functional as F
 
-from kdbench.distill import Method, cross_entropy, register_method
-from kdbench.methods._common import warmup_factor
+from kdbench.distill import Method, register_method
+from kdbench.methods.common import warmup_factor
 
 
 def _target_mask(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -50,7 +50,7 @@ class DKD(Method):
 
     def terms(self, batch, student, teacher):
         z_s, z_t, y = student["logits"], teacher["logits"], batch.targets
-        return {"ce": cross_entropy(student, batch), "tckd": tckd_loss(z_s, z_t, y, self.temperature),
+        return {"tckd": tckd_loss(z_s, z_t, y, self.temperature),
                 "nckd": nckd_loss(z_s, z_t, y, self.temperature)}
 
     def term_weights(self, epoch):

@@ -29,10 +29,9 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
 
-from kdbench.distill import Method, cross_entropy, register_method
+from kdbench.distill import Method, register_method
 from kdbench.errors import KDBenchError
 from kdbench.models import create_model
 
@@ -75,8 +74,8 @@ def dml_loss(student_logits: torch.Tensor, peer_logits: Sequence[torch.Tensor], 
 
 def _peer_spec(entry) -> tuple[str, dict]:
     """A peer entry is a model name or a model config mapping {name: ..., **kwargs} (e.g. ${student.model})."""
-    if isinstance(entry, (DictConfig, dict)):
-        kwargs = OmegaConf.to_container(entry, resolve=True) if isinstance(entry, DictConfig) else dict(entry)
+    if isinstance(entry, dict):
+        kwargs = dict(entry)
         if "name" not in kwargs:
             raise KDBenchError(f"dml: a method.peers entry given as a mapping needs a 'name' key, got {kwargs}")
         return str(kwargs.pop("name")), kwargs
@@ -95,10 +94,8 @@ class DML(Method):
         if self.mimic_mode not in MIMIC_MODES:
             raise KDBenchError(f"dml: method.mimic must be one of {list(MIMIC_MODES)}, got '{self.mimic_mode}'")
         peers = cfg.get("peers")
-        if peers is None or isinstance(peers, (str, DictConfig, dict)):
+        if peers is None or isinstance(peers, (str, dict)):
             peers = [peers] if peers is not None else []
-        if isinstance(peers, ListConfig):
-            peers = list(peers)
         if not peers:
             raise KDBenchError("dml needs at least one peer: set method.peers, e.g. method.peers=[resnet8x4]")
         if not pair.input_shape:
@@ -114,5 +111,5 @@ class DML(Method):
     def terms(self, batch, student, teacher):
         peer_logits = [peer(batch.inputs) for peer in self.peers]
         terms = dml_loss(student["logits"], peer_logits, batch.targets, self.mimic_mode)
-        terms["ce"] = cross_entropy(student, batch)
+        del terms["ce"]  # the base class's term
         return terms

@@ -9,8 +9,8 @@ Extra parameters for resnet32x4 -> resnet8x4: 16,768 (1x1 conv 128->128 with bia
 import torch
 import torch.nn.functional as F
 
-from kdbench.blocks import ConvReg, feature_map_shapes
-from kdbench.distill import Method, cross_entropy, register_method
+from kdbench.methods.common import ConvReg, feature_map_shapes
+from kdbench.distill import Method, register_method
 
 
 def hint_loss(regressed_student: torch.Tensor, teacher_map: torch.Tensor) -> torch.Tensor:
@@ -31,5 +31,4 @@ class FitNet(Method):
             raise pair.incompatible(self.method_name, f"hint layer '{self.hint_layer}': {err}") from None
 
     def terms(self, batch, student, teacher):
-        return {"ce": cross_entropy(student, batch),
-                "hint": hint_loss(self.regressor(student[self.hint_layer]), teacher[self.hint_layer])}
+        return {"hint": hint_loss(self.regressor(student[self.hint_layer]), teacher[self.hint_layer])}

@@ -18,8 +18,8 @@ from typing import Sequence
 
 import torch
 
-from kdbench.blocks import feature_map_shapes, match_spatial
-from kdbench.distill import Method, Stage, cross_entropy, register_method
+from kdbench.methods.common import feature_map_shapes, match_spatial
+from kdbench.distill import Method, Stage, register_method
 from kdbench.errors import KDBenchError
 
 PROTOCOLS = ("reference", "paper")
@@ -87,4 +87,4 @@ class FSP(Method):
                       teacher_taps=self.teacher_taps)]
 
     def terms(self, batch, student, teacher):
-        return {"ce": cross_entropy(student, batch), "fsp": self._fsp(student, teacher)}
+        return {"fsp": self._fsp(student, teacher)}

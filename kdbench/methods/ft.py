@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kdbench.blocks import attention_map, feature_map_shapes, match_spatial
-from kdbench.distill import Method, Stage, cross_entropy, register_method
+from kdbench.methods.common import attention_map, feature_map_shapes, match_spatial
+from kdbench.distill import Method, Stage, register_method
 from kdbench.errors import KDBenchError
 
 VARIANTS = ("reference", "paper")
@@ -133,4 +133,4 @@ class FT(Method):
         with torch.no_grad():
             teacher_factor = self.paraphraser.encoder(teacher[self.t_tap])
         student_factor = self.translator(student[self.s_tap])
-        return {"ce": cross_entropy(student, batch), "ft": ft_loss(student_factor, teacher_factor, self.variant)}
+        return {"ft": ft_loss(student_factor, teacher_factor, self.variant)}

@@ -7,7 +7,7 @@ of the hard-target ones when T changes (paper, section 2). Benchmark default: T=
 import torch
 import torch.nn.functional as F
 
-from kdbench.distill import Method, cross_entropy, register_method
+from kdbench.distill import Method, register_method
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -19,11 +19,6 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
 
 @register_method("kd")
 class KD(Method):
+    """The `ce` and `kd` terms are the base class's (weights.ce, weights.kd, temperature)."""
+
     teacher_taps = ("logits",)
-
-    def __init__(self, cfg, pair):
-        super().__init__(cfg, pair)
-        self.temperature = float(cfg.temperature)
-
-    def terms(self, batch, student, teacher):
-        return {"ce": cross_entropy(student, batch), "kd": kd_loss(student["logits"], teacher["logits"], self.temperature)}

@@ -17,8 +17,8 @@ widths (md); other pairs raise IncompatibleModels (RepDistiller/mdistiller would
 import torch
 import torch.nn.functional as F
 
-from kdbench.distill import Method, cross_entropy, register_method
-from kdbench.methods._common import OptionalKD, shape_str, stage_pairs
+from kdbench.distill import Method, register_method
+from kdbench.methods.common import shape_str, stage_pairs
 
 
 def _finite(x: torch.Tensor) -> torch.Tensor:
@@ -68,10 +68,9 @@ def kdsvd_loss(g_s, g_t, k: int = 1, reshape: str = "rd") -> torch.Tensor:
 
 
 @register_method("kdsvd")
-class KDSVD(OptionalKD, Method):
+class KDSVD(Method):
     def __init__(self, cfg, pair):
         super().__init__(cfg, pair)
-        self._init_kd(cfg)
         self.k = int(cfg.get("k", 1))
         self.reshape = str(cfg.get("reshape", "rd"))
         if self.reshape not in ("rd", "md"):
@@ -90,4 +89,4 @@ class KDSVD(OptionalKD, Method):
 
     def terms(self, batch, student, teacher):
         loss = kdsvd_loss([student[s] for s, _ in self.pairs], [teacher[t] for _, t in self.pairs], self.k, self.reshape)
-        return {"ce": cross_entropy(student, batch), "kdsvd": loss, **self._kd_terms(student, teacher)}
+        return {"kdsvd": loss}

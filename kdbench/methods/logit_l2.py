@@ -9,7 +9,7 @@ is ce = 0 (logits only); ce > 0 mixes in the hard labels.
 """
 import torch
 
-from kdbench.distill import Method, cross_entropy, register_method
+from kdbench.distill import Method, register_method
 from kdbench.errors import KDBenchError
 
 REDUCTIONS = ("mean", "paper")
@@ -39,5 +39,4 @@ class LogitL2(Method):
                                                       f"teacher {pair.teacher_shapes['logits']}")
 
     def terms(self, batch, student, teacher):
-        return {"ce": cross_entropy(student, batch),
-                "l2": logit_l2_loss(student["logits"], teacher["logits"], self.reduction)}
+        return {"l2": logit_l2_loss(student["logits"], teacher["logits"], self.reduction)}

@@ -9,8 +9,8 @@ L2-normalised over HW. With the polynomial kernel k(a, b) = (a . b)^2 the loss i
 import torch
 import torch.nn.functional as F
 
-from kdbench.distill import Method, cross_entropy, register_method
-from kdbench.methods._common import OptionalKD, pool_to_smaller, stage_pairs
+from kdbench.distill import Method, register_method
+from kdbench.methods.common import match_spatial, stage_pairs
 
 
 def poly_kernel(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -19,7 +19,7 @@ def poly_kernel(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def nst_level_loss(f_s: torch.Tensor, f_t: torch.Tensor) -> torch.Tensor:
-    f_s, f_t = pool_to_smaller(f_s, f_t.detach())
+    f_s, f_t = match_spatial(f_s, f_t.detach())
     s = F.normalize(f_s.reshape(f_s.shape[0], f_s.shape[1], -1), dim=2)
     t = F.normalize(f_t.reshape(f_t.shape[0], f_t.shape[1], -1), dim=2)
     return poly_kernel(t, t).mean().detach() + poly_kernel(s, s).mean() - 2 * poly_kernel(s, t).mean()
@@ -31,14 +31,13 @@ def nst_loss(g_s, g_t) -> torch.Tensor:
 
 
 @register_method("nst")
-class NST(OptionalKD, Method):
+class NST(Method):
     def __init__(self, cfg, pair):
         super().__init__(cfg, pair)
-        self._init_kd(cfg)
         self.pairs = stage_pairs(pair, self.method_name, align="first")
         self.student_taps = tuple(s for s, _ in self.pairs)
         self.teacher_taps = tuple(t for _, t in self.pairs)
 
     def terms(self, batch, student, teacher):
         loss = nst_loss([student[s] for s, _ in self.pairs], [teacher[t] for _, t in self.pairs])
-        return {"ce": cross_entropy(student, batch), "nst": loss, **self._kd_terms(student, teacher)}
+        return {"nst": loss}

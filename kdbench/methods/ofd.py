@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kdbench.distill import Method, cross_entropy, register_method
-from kdbench.methods._common import OptionalKD, stage_pairs
+from kdbench.distill import Method, register_method
+from kdbench.methods.common import stage_pairs
 
 
 def ofd_margin(bn_weight: torch.Tensor, bn_bias: torch.Tensor) -> torch.Tensor:
@@ -65,12 +65,11 @@ def ofd_connector(c_s: int, c_t: int, kernel_size: int = 1) -> nn.Sequential:
 
 
 @register_method("ofd")
-class OFD(OptionalKD, Method):
+class OFD(Method):
     teacher_train_mode = True
 
     def __init__(self, cfg, pair):
         super().__init__(cfg, pair)
-        self._init_kd(cfg)
         self.teacher_train_mode = bool(cfg.get("teacher_train_mode", True))
         self.pairs = stage_pairs(pair, self.method_name, align="last", suffix="_pre")
         self.student_taps = tuple(s for s, _ in self.pairs)
@@ -101,4 +100,4 @@ class OFD(OptionalKD, Method):
     def terms(self, batch, student, teacher):
         g_s = [conn(student[s]) for conn, (s, _) in zip(self.connectors, self.pairs)]
         g_t = [teacher[t] for _, t in self.pairs]
-        return {"ce": cross_entropy(student, batch), "ofd": ofd_loss(g_s, g_t, self.margins), **self._kd_terms(student, teacher)}
+        return {"ofd": ofd_loss(g_s, g_t, self.margins)}

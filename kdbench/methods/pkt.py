@@ -7,8 +7,7 @@ KL, hence the large weight 30000 (RD, MD and torchdistill agree).
 """
 import torch
 
-from kdbench.distill import Method, cross_entropy, register_method
-from kdbench.methods._common import OptionalKD
+from kdbench.distill import Method, register_method
 
 
 def pkt_probabilities(e: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
@@ -26,14 +25,12 @@ def pkt_loss(e_s: torch.Tensor, e_t: torch.Tensor, eps: float = 1e-7) -> torch.T
 
 
 @register_method("pkt")
-class PKT(OptionalKD, Method):
+class PKT(Method):
     student_taps = ("embedding",)
     teacher_taps = ("embedding",)
 
     def __init__(self, cfg, pair):
         super().__init__(cfg, pair)
-        self._init_kd(cfg)
 
     def terms(self, batch, student, teacher):
-        return {"ce": cross_entropy(student, batch), "pkt": pkt_loss(student["embedding"], teacher["embedding"]),
-                **self._kd_terms(student, teacher)}
+        return {"pkt": pkt_loss(student["embedding"], teacher["embedding"])}

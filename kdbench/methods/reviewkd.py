@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kdbench.distill import Method, cross_entropy, register_method
-from kdbench.methods._common import OptionalKD, flat_dim, stage_pairs, warmup_factor
+from kdbench.distill import Method, register_method
+from kdbench.methods.common import flat_dim, stage_pairs, warmup_factor
 
 
 def hcl_loss(f_s, f_t) -> torch.Tensor:
@@ -71,10 +71,9 @@ def _as_map(x: torch.Tensor) -> torch.Tensor:
 
 
 @register_method("reviewkd")
-class ReviewKD(OptionalKD, Method):
+class ReviewKD(Method):
     def __init__(self, cfg, pair):
         super().__init__(cfg, pair)
-        self._init_kd(cfg)
         self.warmup_epochs = float(cfg.get("warmup_epochs", 20))
         stage_pre = stage_pairs(pair, self.method_name, align="equal", suffix="_pre")
         post = stage_pairs(pair, self.method_name, align="equal")
@@ -109,8 +108,7 @@ class ReviewKD(OptionalKD, Method):
 
     def terms(self, batch, student, teacher):
         targets = [_as_map(teacher[t]) for t in self.t_levels]
-        return {"ce": cross_entropy(student, batch), "reviewkd": hcl_loss(self.review(student), targets),
-                **self._kd_terms(student, teacher)}
+        return {"reviewkd": hcl_loss(self.review(student), targets)}
 
     def term_weights(self, epoch):
         ramp = warmup_factor(epoch, self.warmup_epochs)

@@ -9,8 +9,7 @@ an outer weight 1 (the paper's own values are 1 and 2); here the two are separat
 import torch
 import torch.nn.functional as F
 
-from kdbench.distill import Method, cross_entropy, register_method
-from kdbench.methods._common import OptionalKD
+from kdbench.distill import Method, register_method
 
 
 def pairwise_distances(e: torch.Tensor, squared: bool = False, eps: float = 1e-12) -> torch.Tensor:
@@ -51,15 +50,14 @@ def rkd_loss(e_s: torch.Tensor, e_t: torch.Tensor, w_distance: float = 25.0, w_a
 
 
 @register_method("rkd")
-class RKD(OptionalKD, Method):
+class RKD(Method):
     student_taps = ("embedding",)
     teacher_taps = ("embedding",)
 
     def __init__(self, cfg, pair):
         super().__init__(cfg, pair)
-        self._init_kd(cfg)
 
     def terms(self, batch, student, teacher):
         e_s, e_t = student["embedding"], teacher["embedding"]
-        return {"ce": cross_entropy(student, batch), "rkd_distance": rkd_distance_loss(e_s, e_t),
-                "rkd_angle": rkd_angle_loss(e_s, e_t), **self._kd_terms(student, teacher)}
+        return {"rkd_distance": rkd_distance_loss(e_s, e_t),
+                "rkd_angle": rkd_angle_loss(e_s, e_t)}

@@ -7,8 +7,7 @@ the student and teacher widths/resolutions need not match. Benchmark: CE 1 + 300
 import torch
 import torch.nn.functional as F
 
-from kdbench.distill import Method, cross_entropy, register_method
-from kdbench.methods._common import OptionalKD
+from kdbench.distill import Method, register_method
 
 
 def similarity_matrix(f: torch.Tensor) -> torch.Tensor:
@@ -25,15 +24,13 @@ def sp_loss(f_s: torch.Tensor, f_t: torch.Tensor) -> torch.Tensor:
 
 
 @register_method("sp")
-class SP(OptionalKD, Method):
+class SP(Method):
     def __init__(self, cfg, pair):
         super().__init__(cfg, pair)
-        self._init_kd(cfg)
         if not pair.student.stage_names or not pair.teacher.stage_names:
             raise pair.incompatible(self.method_name, "it needs stage features (stage_names) on both models")
         self.s_tap, self.t_tap = pair.student.stage_names[-1], pair.teacher.stage_names[-1]
         self.student_taps, self.teacher_taps = (self.s_tap,), (self.t_tap,)
 
     def terms(self, batch, student, teacher):
-        return {"ce": cross_entropy(student, batch), "sp": sp_loss(student[self.s_tap], teacher[self.t_tap]),
-                **self._kd_terms(student, teacher)}
+        return {"sp": sp_loss(student[self.s_tap], teacher[self.t_tap])}

@@ -37,9 +37,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kdbench.distill import Method, cross_entropy, register_method
+from kdbench.distill import Method, register_method
 from kdbench.errors import KDBenchError
-from kdbench.methods.kd import kd_loss
 from kdbench.models import count_parameters
 
 
@@ -75,8 +74,7 @@ class TfKDReg(Method):
         virtual_teacher(torch.zeros(1, dtype=torch.long), pair.num_classes, self.correct_prob)  # validate early
 
     def terms(self, batch, student, teacher):
-        return {"ce": cross_entropy(student, batch),
-                "tf_kd": tf_kd_reg_loss(student["logits"], batch.targets, self.temperature, self.correct_prob)}
+        return {"tf_kd": tf_kd_reg_loss(student["logits"], batch.targets, self.temperature, self.correct_prob)}
 
 
 @register_method("tf_kd_self")
@@ -84,8 +82,7 @@ class TfKDSelf(Method):
     teacher_taps = ("logits",)
 
     def __init__(self, cfg, pair):
-        super().__init__(cfg, pair)
-        self.temperature = float(cfg.temperature)
+        super().__init__(cfg, pair)  # its kd term (at method.temperature) is the base class's
         if cfg.get("require_same_architecture", True) and pair.teacher is not None:
             s, t = pair.student, pair.teacher
             n_s, n_t = count_parameters(s, trainable_only=False), count_parameters(t, trainable_only=False)
@@ -95,6 +92,3 @@ class TfKDSelf(Method):
                                   f"{type(t).__name__} with {n_t:,} parameters and the student "
                                   f"{type(s).__name__} with {n_s:,} (set "
                                   f"method.require_same_architecture=false to allow it)")
-
-    def terms(self, batch, student, teacher):
-        return {"ce": cross_entropy(student, batch), "kd": kd_loss(student["logits"], teacher["logits"], self.temperature)}

@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kdbench.distill import Method, cross_entropy, register_method
-from kdbench.methods._common import OptionalKD, pool_to_smaller, stage_pairs
+from kdbench.distill import Method, register_method
+from kdbench.methods.common import match_spatial, stage_pairs
 
 
 def vid_nll(mean: torch.Tensor, target: torch.Tensor, variance: torch.Tensor) -> torch.Tensor:
@@ -45,15 +45,14 @@ class VIDRegressor(nn.Module):
         self.eps = eps
 
     def forward(self, f_s: torch.Tensor, f_t: torch.Tensor) -> torch.Tensor:
-        f_s, f_t = pool_to_smaller(f_s, f_t)
+        f_s, f_t = match_spatial(f_s, f_t)
         return vid_nll(self.regressor(f_s), f_t, softplus_variance(self.alpha, self.eps))
 
 
 @register_method("vid")
-class VID(OptionalKD, Method):
+class VID(Method):
     def __init__(self, cfg, pair):
         super().__init__(cfg, pair)
-        self._init_kd(cfg)
         self.pairs = stage_pairs(pair, self.method_name, align="first")
         self.student_taps = tuple(s for s, _ in self.pairs)
         self.teacher_taps = tuple(t for _, t in self.pairs)
@@ -65,4 +64,4 @@ class VID(OptionalKD, Method):
 
     def terms(self, batch, student, teacher):
         loss = sum(level(student[s], teacher[t]) for level, (s, t) in zip(self.levels, self.pairs))
-        return {"ce": cross_entropy(student, batch), "vid": loss, **self._kd_terms(student, teacher)}
+        return {"vid": loss}

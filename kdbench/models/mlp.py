@@ -54,3 +54,9 @@ def mlp_1200x2(num_classes, input_shape, dropout=0.5, input_dropout=0.2):
 def mlp_800x2(num_classes, input_shape, dropout=0.0, input_dropout=0.0):
     """Hinton 2015 student: two hidden layers of 800 ReLUs, no regularisation."""
     return MLP(num_classes, input_shape, (800, 800), dropout, input_dropout)
+
+
+@register_model("mlp_32")
+def mlp_32(num_classes, input_shape, hidden=(32,), dropout=0.0, input_dropout=0.0):
+    """Small digits/MNIST student: one hidden layer of 32 ReLUs."""
+    return MLP(num_classes, input_shape, hidden, dropout, input_dropout)

@@ -1,0 +1,35 @@
+"""A job's data on its device: both splits, the seeded augmenting training loader and the plain test loader."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kdbench.data.datasets import Split, load_splits
+from kdbench.data.loader import Augment, DeviceLoader, StreamLoader
+
+
+@dataclass
+class Data:
+    train: Split
+    test: Split
+    train_loader: DeviceLoader | StreamLoader
+    test_loader: DeviceLoader | StreamLoader
+    input_shape: tuple[int, ...]
+    num_classes: int
+
+
+def prepare_data(dataset, trainer, device: torch.device) -> Data:
+    """`dataset` a DatasetConfig, `trainer` a TrainerConfig (batch sizes, where the data lives). Only the training
+    loader augments; the test split is always evaluated as it is, in dataset order."""
+    train, test = load_splits(dataset)
+    if trainer.data_on_device:
+        loader_cls, extra = DeviceLoader, {}
+    else:
+        loader_cls, extra = StreamLoader, {"num_workers": trainer.num_workers}
+    norm = (list(dataset.mean), list(dataset.std), device)
+    augment = Augment(dataset.crop_padding, dataset.hflip)
+    return Data(train, test,
+                loader_cls(train, trainer.batch_size, *norm, augment=augment, shuffle=True, **extra),
+                loader_cls(test, trainer.eval_batch_size, *norm, **extra),
+                tuple(train.images.shape[1:]), int(dataset.num_classes))

@@ -1,0 +1,374 @@
+"""A job, resolved once: from the composed config (and the overrides that made it) to typed objects, with the chain
+of teachers it needs; then run. The real run and the dry run (kdbench.plan) walk the same Job.
+
+    job = resolve(cfg, overrides)     # the only place below the CLI that reads a DictConfig
+    record = run(job, out_dir)        # its teacher first (checkpoint | store | trained now), then training
+
+How a teacher is obtained: `teacher.checkpoint` loads a file. Otherwise the teacher comes from the store, trained
+once into it when missing, with its data set's standard recipe: the job's experiment, pair, dataset, recipe and
+teacher choices compose its training config, but none of the options that only shape the student's run (method,
+student, seed, optim, schedule, trainer); `teacher.recipe.<key>=<value>` changes the teacher's recipe explicitly.
+So `kdbench method=kd trainer.epochs=2` (a smoke test) distils from the standard teacher, and a search over optim.lr
+trains one teacher, not one per trial. A teacher config with `distill: {from, method}` (a teaching assistant,
+TAKD) is trained by that distillation job instead of vanilla CE; its own teacher resolves the same way, so chains
+nest.
+"""
+from __future__ import annotations
+
+import copy
+import difflib
+from dataclasses import dataclass, fields
+from functools import lru_cache
+from itertools import chain
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from kdbench.config import (DatasetConfig, OptimConfig, ScheduleConfig, TrainerConfig, compose, is_semantic,
+                            override_key, semantic_config)
+from kdbench.data import Data, dataset_label, prepare_data
+from kdbench.distill import Method, Options, PairInfo, StageStep, create_method, method_class
+from kdbench.errors import KDBenchError
+from kdbench.io import config_hash, load_torch, save_torch, sha256_file
+from kdbench.loggers import create_logger
+from kdbench.models import TapModel, count_parameters, create_model, load_reference_checkpoint, probe_taps
+from kdbench.optim import build_step, constant_sgd_step, lr_at
+from kdbench.record import RunRecord
+from kdbench.teachers import TeacherOutputs, TeacherStore, cache_bytes, cache_is_exact
+from kdbench.train import Run, autocast, configure_determinism, evaluate, fit, resolve_device, summary
+
+CHECKPOINT_FILE = "checkpoint.pt"
+# Pre-training stages draw their data order and dropout from seed + this offset, apart from main training's.
+STAGE_SEED_OFFSET = 7_777
+# Override keys (with their subkeys) that shape only the student's run, never how its teacher is trained.
+STUDENT_SIDE = ("method", "student", "seed", "optim", "schedule", "trainer", "logger")
+# ... and of those a stored teacher's own record leaves out too (the pair picks teachers; its student tweaks do not
+# belong in a teacher row's setting), so that leaderboards average one recipe's teachers over their seeds.
+NOT_IN_TEACHER_RECORD = (*STUDENT_SIDE, "pair", "teacher.seed")
+TEACHER_RECORD_MARK = "(teacher for the store)"
+
+
+def _covers(prefixes: Sequence[str], key: str) -> bool:
+    return any(key == p or key.startswith(p + ".") for p in prefixes)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    kwargs: dict
+    label: str
+
+    @classmethod
+    def of(cls, node: DictConfig) -> "ModelSpec":
+        kwargs = OmegaConf.to_container(node.model, resolve=True)
+        return cls(str(kwargs.pop("name")), kwargs, str(node.label))
+
+    def build(self, num_classes: int, input_shape: Sequence[int]) -> TapModel:
+        return create_model(self.name, num_classes=num_classes, input_shape=input_shape, **self.kwargs)
+
+
+@dataclass(frozen=True)
+class TeacherSpec:
+    model: ModelSpec
+    checkpoint: Optional[Path]  # a weights file, or None: the store
+    entry: Optional[str] = None  # the store entry, '<label>-<key of the job that trains it>'
+    job: Optional["Job"] = None  # that job
+    recipe: tuple[str, ...] = ()  # its teacher.recipe overrides, as 'key=value' (announced before training)
+
+
+@dataclass
+class Job:
+    config: dict  # the resolved config, as the record keeps it
+    overrides: tuple[str, ...]  # as the record keeps them
+    labels: dict
+    key: str  # hash of the semantic config (config.NON_SEMANTIC left out)
+    seed: int
+    dataset: DatasetConfig
+    optim: OptimConfig
+    schedule: ScheduleConfig
+    trainer: TrainerConfig
+    student: ModelSpec
+    method: Options
+    teacher: Optional[TeacherSpec]
+    teacher_store: Path
+    logger: Options
+    recipe_overrides: tuple[str, ...] = ()  # the overrides its teacher's recipe is composed with
+
+    @property
+    def teacher_train_mode(self) -> bool:
+        return method_class(self.method.name).declared_teacher_train_mode(self.method)
+
+
+# ----------------------------------------------------------------------------- resolution
+
+
+def _typed(schema, node: DictConfig, group: str):
+    """A schema'd group as its dataclass; a key the schema lacks (e.g. added with '+') is an error naming the
+    closest valid key."""
+    data = OmegaConf.to_container(node, resolve=True)
+    names = [f.name for f in fields(schema)]
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        hints = [f"'{group}.{k}'" + (f" (did you mean '{group}.{m[0]}'?)" if (m := difflib.get_close_matches(k, names, 1))
+                                      else "") for k in unknown]
+        raise KDBenchError(f"unknown setting {', '.join(hints)}; {group} has: {', '.join(names)}")
+    return schema(**data)
+
+
+def labels_of(cfg: DictConfig) -> dict:
+    needs_teacher = method_class(cfg.method.name).needs_teacher
+    return {"dataset": dataset_label(cfg.dataset), "teacher": cfg.teacher.label if needs_teacher else None,
+            "student": cfg.student.label, "method": cfg.method.get("label") or cfg.method.name}
+
+
+def resolve(cfg: DictConfig, overrides: Sequence[str] = (), recipe_overrides: Optional[Sequence[str]] = None) -> Job:
+    """The job these (composed) config and overrides describe, with its teacher chain. `recipe_overrides` (default:
+    `overrides`) are those its teacher's recipe is composed from."""
+    labels = labels_of(cfg)
+    recipe_overrides = tuple(overrides if recipe_overrides is None else recipe_overrides)
+    teacher = None
+    if labels["teacher"] is not None:
+        model = ModelSpec.of(cfg.teacher)
+        if cfg.teacher.checkpoint:
+            teacher = TeacherSpec(model, Path(str(cfg.teacher.checkpoint)).expanduser())
+        else:
+            tcfg, trecipe, trecord = teacher_config(cfg, recipe_overrides)
+            tjob = resolve(tcfg, trecord, trecipe)
+            recipe = OmegaConf.to_container(cfg.teacher.recipe, resolve=True) if cfg.teacher.get("recipe") else {}
+            teacher = TeacherSpec(model, None, f"{model.label}-{tjob.key}", tjob,
+                                  tuple(f"{k}={v}" for k, v in _leaves(recipe).items()))
+    config = OmegaConf.to_container(cfg, resolve=True)
+    return Job(config=config, overrides=tuple(overrides), labels=labels, key=config_hash(semantic_config(config)),
+               seed=int(cfg.seed), dataset=_typed(DatasetConfig, cfg.dataset, "dataset"),
+               optim=_typed(OptimConfig, cfg.optim, "optim"), schedule=_typed(ScheduleConfig, cfg.schedule, "schedule"),
+               trainer=_typed(TrainerConfig, cfg.trainer, "trainer"), student=ModelSpec.of(cfg.student),
+               method=Options.of(cfg.method), teacher=teacher, teacher_store=Path(str(cfg.paths.teacher_store)),
+               logger=Options.of(cfg.logger) if cfg.get("logger") else Options({"name": "none"}),
+               recipe_overrides=recipe_overrides)
+
+
+def _leaves(tree: dict, prefix: str = "") -> dict:
+    """{"optim": {"lr": 0.01}} and {"optim.lr": 0.01} both -> {"optim.lr": 0.01}: recipe entries override leaves."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_leaves(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+@lru_cache(maxsize=64)
+def _recipe(overrides: tuple[str, ...]) -> DictConfig:
+    return compose(overrides)
+
+
+def teacher_config(cfg: DictConfig, overrides: Sequence[str] = ()) -> tuple[DictConfig, tuple, tuple]:
+    """(config, recipe overrides, record overrides) of the job that trains `cfg`'s teacher into the store: the job's
+    config with the recipe (optim, schedule, trainer) composed without the student-only overrides, the teacher's
+    model as the student, its seed, vanilla CE or its `distill` method, then its teacher.recipe leaves."""
+    teacher_side = tuple(o for o in overrides if not (_covers(STUDENT_SIDE, override_key(o))
+                                                      and is_semantic(override_key(o)))
+                         and not override_key(o).startswith("hydra.") and not o.startswith("("))
+    recipe = _recipe(teacher_side)
+    leaves = _leaves(OmegaConf.to_container(cfg.teacher.recipe, resolve=True)) if cfg.teacher.get("recipe") else {}
+    distill = cfg.teacher.get("distill")
+    tcfg = copy.deepcopy(cfg)
+    with open_dict(tcfg):
+        for group in ("optim", "schedule"):
+            tcfg[group] = copy.deepcopy(recipe[group])
+        for key, value in recipe.trainer.items():
+            if is_semantic(f"trainer.{key}"):  # where the run runs (device, progress, ...) stays the run's
+                tcfg.trainer[key] = value
+        tcfg.student = {"model": cfg.teacher.model, "label": cfg.teacher.label}
+        if distill:
+            if not distill.get("from") or not distill.get("method"):
+                raise KDBenchError(f"teacher '{cfg.teacher.label}': teacher.distill needs both 'from' (a teacher "
+                                   f"config) and 'method' (a method config)")
+            tcfg.teacher = copy.deepcopy(distill["from"])
+            tcfg.method = copy.deepcopy(distill.method)
+        else:
+            tcfg.method = {"name": "vanilla", "weights": {"ce": 1.0}}
+            tcfg.teacher.recipe = {}  # applied below; two recipes that make the same job store one teacher
+        tcfg.seed = cfg.teacher.seed
+        tcfg.logger = {"name": "none"}
+        for key, value in leaves.items():
+            OmegaConf.update(tcfg, key, value, merge=False)
+    record = (TEACHER_RECORD_MARK, *(o for o in teacher_side if not _covers(NOT_IN_TEACHER_RECORD, override_key(o))))
+    return tcfg, teacher_side, record
+
+
+# ----------------------------------------------------------------------------- running
+
+
+def run(job: Job, out_dir: Path) -> dict:
+    """Train one job and keep its record current in out_dir/metrics.json; returns the record. Re-raises any
+    failure after recording it."""
+    return train_job(job, out_dir)[0]
+
+
+def train_job(job: Job, out_dir: Path) -> tuple[dict, TapModel]:
+    out_dir = Path(out_dir)
+    record = RunRecord.start(out_dir, config=job.config, config_hash=job.key, labels=job.labels, seed=job.seed,
+                             overrides=list(job.overrides))
+    logger = None
+    try:
+        logger = create_logger(job.logger, out_dir, job.labels, job.config)
+        student = _train(job, out_dir, record, logger)
+        record.complete()
+    except BaseException as err:
+        record.fail(err)
+        raise
+    finally:
+        if logger is not None:
+            logger.finish(record.data["status"])
+    return record.data, student
+
+
+def _train(job: Job, out_dir: Path, record: RunRecord, logger) -> TapModel:
+    tr = job.trainer
+    configure_determinism(tr.deterministic)
+    device = resolve_device(tr.device)
+    data = prepare_data(job.dataset, tr, device)
+    record.update(device=str(device), n_train=len(data.train), n_test=len(data.test))
+
+    teacher = teacher_shapes = None
+    if job.teacher is not None:
+        teacher, source = obtain_teacher(job.teacher, job.teacher_store, data, device)
+        record.update(teacher_source=source, teacher_top1=evaluate(teacher, data.test_loader, tr.precision).top1)
+        teacher_shapes = probe_taps(teacher, data.input_shape)
+
+    torch.manual_seed(job.seed)
+    student = job.student.build(data.num_classes, data.input_shape).to(device)
+    pair = PairInfo(student, teacher, probe_taps(student, data.input_shape), teacher_shapes, job.student.label,
+                    job.teacher.model.label if teacher is not None else None, data.num_classes, data.train.labels,
+                    tr.epochs, job.optim.lr, data.input_shape)
+    method = create_method(job.method, pair).to(device)
+    outputs = None
+    if teacher is not None:
+        outputs = TeacherOutputs(teacher, method.teacher_taps, method.teacher_train_mode)
+        exact = cache_is_exact(data.train_loader.augment.active, method.teacher_train_mode)
+        fits = cache_bytes(teacher_shapes, method.teacher_taps, len(data.train)) <= tr.teacher_cache_gb * 2**30
+        if tr.teacher_cache and exact and fits:
+            outputs.build_cache(data.train_loader, lambda: autocast(device, tr.precision))
+    record.update(student_params=count_parameters(student), extra_params=count_parameters(method),
+                  teacher_cache=outputs is not None and outputs.cached)
+    _fit(job, student, method, outputs, data, out_dir, record, logger)
+    return student
+
+
+def _fit(job: Job, student: TapModel, method: Method, outputs: Optional[TeacherOutputs], data: Data, out_dir: Path,
+         record: RunRecord, logger) -> None:
+    """Pre-training stages not yet done, then the main epochs not yet done, each epoch checkpointed."""
+    tr = job.trainer
+    ckpt_path = out_dir / CHECKPOINT_FILE
+    state = load_torch(ckpt_path, "run checkpoint") if tr.resume and ckpt_path.exists() else None
+    if state is not None:
+        student.load_state_dict(state["student"])
+        method.load_state_dict(state["method"])
+    stages_done = list(state["stages_done"]) if state else []
+
+    for stage in method.stages(student, outputs.model if outputs is not None else None):
+        if stage.name in stages_done:
+            continue
+        run = Run(student, StageStep(stage, method), outputs.with_taps(stage.teacher_taps) if outputs else None,
+                  data.train_loader, constant_sgd_step(stage.parameters, stage.lr, stage.momentum, stage.weight_decay),
+                  job.seed + STAGE_SEED_OFFSET, tr.precision)
+        fit(run, range(1, stage.epochs + 1), lambda epoch, lr=stage.lr: lr,
+            progress=f"{method.method_name}:{stage.name}" if tr.progress else None)
+        stages_done.append(stage.name)
+        save_torch(ckpt_path, {"epoch": 0, "stages_done": stages_done, "student": student.state_dict(),
+                               "method": method.state_dict(), "optimizer": None, "history": []})
+
+    params = [p for p in chain(student.parameters(), method.trainable_parameters()) if p.requires_grad]
+    policy = build_step(params, job.optim)
+    history: list[dict] = []
+    start = 1
+    if state is not None and state["epoch"] > 0:
+        policy.optimizer.load_state_dict(state["optimizer"])
+        history, start = list(state["history"]), state["epoch"] + 1
+        # a finished run launched again keeps its results
+        record.update(history=history, last_class_errors=state.get("class_errors"), **summary(history))
+
+    def end_of_epoch(entry: dict, ev) -> None:
+        history.append(entry)
+        save_torch(ckpt_path, {"epoch": entry["epoch"], "stages_done": stages_done, "student": student.state_dict(),
+                               "method": method.state_dict(), "optimizer": policy.optimizer.state_dict(),
+                               "history": history, "class_errors": ev.class_errors})
+        record.update(history=history, last_class_errors=ev.class_errors, **summary(history))
+        logger.log({"lr": entry["lr"], "test/top1": ev.top1, "test/loss": ev.loss,
+                    **{f"train/{k}": v for k, v in entry["train"].items()}}, step=entry["epoch"])
+
+    forward = torch.compile(student.forward_taps) if tr.compile else None
+    run = Run(student, method, outputs, data.train_loader, policy, job.seed, tr.precision, forward)
+    fit(run, range(start, tr.epochs + 1), lambda epoch: lr_at(epoch, job.optim.lr, job.schedule, tr.epochs),
+        data.test_loader, method.eval_logits, [end_of_epoch], total=tr.epochs,
+        progress=f"{record.data['method']} {record.data['student']} s{job.seed}" if tr.progress else None)
+
+
+def obtain_teacher(spec: TeacherSpec, store_root: Path, data: Data, device: torch.device) -> tuple[TapModel, dict]:
+    """(frozen teacher in eval mode on `device`, provenance for the run record). Says on the console where the
+    teacher comes from before anything is trained."""
+    model = spec.model.build(data.num_classes, data.input_shape)
+    label = spec.model.label
+    if spec.checkpoint is not None:
+        print(f"kdbench: teacher {label}: loading checkpoint {spec.checkpoint}", flush=True)
+        load_reference_checkpoint(model, load_torch(spec.checkpoint, "teacher checkpoint"))
+        source = {"kind": "checkpoint", "path": str(spec.checkpoint), "sha256": sha256_file(spec.checkpoint)}
+    else:
+        store = TeacherStore(store_root)
+        entry = store.entry(spec.entry)
+        with store.lock(entry) as waited:
+            if entry.exists():
+                how = "trained just now by another job" if waited else "trained before"
+                print(f"kdbench: teacher {label}: found in the store ({how}): {entry.directory}", flush=True)
+            else:
+                print(f"kdbench: teacher {label}: not in the store, training it now ({describe_training(spec)}) "
+                      f"into {entry.directory}", flush=True)
+                _, trained = train_job(spec.job, entry.train_dir)
+                store.put(entry, trained.state_dict(), spec.job.key, semantic_config(spec.job.config))
+                (entry.train_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
+        checkpoint, sha = store.load(entry)
+        load_reference_checkpoint(model, checkpoint)
+        source = {"kind": "store", "path": str(entry.weights), "sha256": sha, "key": spec.job.key}
+        if spec.job.labels["teacher"] is not None:
+            source["distilled_from"] = spec.job.labels["teacher"]
+            source["distill_method"] = spec.job.labels["method"]
+    model.to(device).eval().requires_grad_(False)
+    return model, source
+
+
+def describe_training(spec: TeacherSpec) -> str:
+    """'vanilla, 30 epochs, batch 64, sgd lr 0.05, cosine, seed 0' (+ ', teacher.recipe: ...', + ' from X')."""
+    job = spec.job
+    text = (f"{job.labels['method']}, {job.trainer.epochs} epochs, batch {job.trainer.batch_size}, {job.optim.name} "
+            f"lr {job.optim.lr:g}, {job.schedule.name}, seed {job.seed}")
+    if job.labels["teacher"] is not None:
+        text += f", from {job.labels['teacher']}"
+    if spec.recipe:
+        text += f"; teacher.recipe: {' '.join(spec.recipe)}"
+    return text
+
+
+def load_finished(run_dir: Path, device: str | torch.device = "cpu") -> tuple[TapModel, Job]:
+    """A finished run's student (its last epoch, in eval mode on `device`) and its job, from the run's directory."""
+    import json
+
+    from kdbench.record import RECORD_FILE
+
+    rec = json.loads((Path(run_dir) / RECORD_FILE).read_text())
+    ckpt = Path(run_dir) / CHECKPOINT_FILE
+    if not ckpt.exists():
+        raise KDBenchError(f"{ckpt} is missing: the run's final checkpoint is needed to reload its student")
+    cfg = OmegaConf.create(rec["config"])
+    job = Job(config=rec["config"], overrides=tuple(rec.get("overrides") or ()), labels={k: rec.get(k) for k in
+              ("dataset", "teacher", "student", "method")}, key=rec.get("config_hash", ""), seed=int(rec["seed"]),
+              dataset=DatasetConfig(**rec["config"]["dataset"]), optim=OptimConfig(**rec["config"]["optim"]),
+              schedule=ScheduleConfig(**rec["config"]["schedule"]), trainer=TrainerConfig(**rec["config"]["trainer"]),
+              student=ModelSpec.of(cfg.student), method=Options.of(cfg.method), teacher=None,
+              teacher_store=Path(str(rec["config"]["paths"]["teacher_store"])), logger=Options({"name": "none"}))
+    student = job.student.build(job.dataset.num_classes, job.dataset.image_shape)
+    student.load_state_dict(load_torch(ckpt, "run checkpoint")["student"])
+    return student.to(device).eval(), job
