@@ -674,3 +674,22 @@ def test_ab_connectors_keep_negative_pre_activations():
     out = conn(x)
     assert out.shape[1:] == pair.teacher_shapes["stage1_pre"] and (out < 0).any()
     close(out, conn.bn(conn.conv(x)), "ab connector = bn(conv(f_s))")
+
+
+def test_crd_memory_banks_move_by_nce_m_and_z_is_fixed_after_the_first_batch():
+    """§2.13: bank_s[idx] <- normalize(m bank_s[idx] + (1-m) e_s), bank_t likewise with e_t, m = 0.5; other rows stay;
+    Z is set from the first batch and then frozen."""
+    method, pair, batch, s, t = build("crd")
+    m = REFERENCE["crd"]["config"]["nce_m"]
+    before = {"bank_s": method.bank_s.clone(), "bank_t": method.bank_t.clone()}
+    emb = {"bank_s": method.embed_s(s["embedding"]).detach(), "bank_t": method.embed_t(t["embedding"]).detach()}
+    method.loss(batch, s, t, 1)
+    idx, rest = batch.indices, torch.arange(BATCH, N_TRAIN)
+    for name in ("bank_s", "bank_t"):
+        bank = getattr(method, name)
+        close(bank[idx], F.normalize(m * before[name][idx] + (1 - m) * emb[name], dim=1), f"crd {name} update")
+        assert torch.equal(bank[rest], before[name][rest]), f"crd {name}: rows outside the batch moved"
+    z = method.z.clone()
+    assert (z > 0).all()
+    method.loss(make_batch(BATCH, NUM_CLASSES, SHAPE, indices=range(8, 16), seed=2), s, t, 1)
+    assert torch.equal(method.z, z), "crd: Z changed after the first batch"
