@@ -1,0 +1,695 @@
+"""Wiring of the method plugins: the layer between a correct loss function and the number a run publishes.
+
+The loss functions themselves are checked against NumPy elsewhere (test_methods_seed/benchmark/online, test_kd_loss).
+Here, for every conf/method/*.yaml (discovered from the directory, so a new config without an entry in the tables
+below fails `test_every_method_config_has_an_entry_in_every_wiring_table`):
+
+1. the published total is the weighted sum of the logged terms, with the weights read from the composed config (not
+   from the method object), warm-ups recomputed here as min(epoch / 20, 1) on exactly the warmed-up terms, and
+   weight-0 terms logged but kept out of the sum (a NaN in such a term must not reach the total);
+2. each named term equals the plain loss function of that name, applied to the right taps (and to the method's own
+   head modules), with the hyper-parameters taken from the REFERENCE table below, not from the method;
+3. the shipped defaults (composed config and built-method attributes) equal the reference implementations' values,
+   cited from /work/shared/reference/methods.md, plus a few structural facts (FitNet's regressor ends in a ReLU).
+"""
+from __future__ import annotations
+
+import copy
+import math
+from functools import lru_cache
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+
+from kdbench.blocks import match_spatial
+from kdbench.distill import create_method
+from tests.conftest import make_batch, make_pair, method_config
+
+CONF = Path(__file__).resolve().parents[1] / "conf" / "method"
+METHOD_YAMLS = sorted(p.stem for p in CONF.glob("*.yaml"))
+
+NUM_CLASSES, SHAPE, N_TRAIN, BATCH = 10, (3, 16, 16), 40, 8
+EPOCHS = (1, 10, 20, 240)
+RTOL, ATOL = 1e-5, 1e-7
+
+# ----------------------------------------------------------------------------- the reference table (part 3)
+# Per config file: `config` = every non-weight key of the composed method config (a new option must be pinned here),
+# `weights` = the composed method.weights exactly (names and values), `attrs` = attributes of the method built on the
+# SETUP pair (dotted paths). Values cite reference/methods.md (§1.3 weights table, §1.4 warm-ups/stages, §2.x).
+# Methods that methods.md does not cover are pinned to the paper/code values their own yaml/docstring cite.
+
+REFERENCE: dict[str, dict] = {
+    # §1.3 KD row, §2.1: T 4, CE 0.1, KD 0.9 (RD -r 0.1 -a 0.9; MD CE 0.1, KD 0.9)
+    "kd": dict(config={"name": "kd", "temperature": 4.0},
+               weights={"ce": 0.1, "kd": 0.9},
+               attrs={"temperature": 4.0}),
+    # §1.3 FitNet row, §2.2: gamma 1, beta 100, hint layer 2 (= feat[2] = stage2 on both nets)
+    "fitnet": dict(config={"name": "fitnet", "hint_layer": "stage2"},
+                   weights={"ce": 1.0, "hint": 100.0},
+                   attrs={"hint_layer": "stage2", "student_taps": ("stage2",), "teacher_taps": ("stage2",)}),
+    # §1.3 AT row, §2.3: beta 1000, p 2, every stage output
+    "at": dict(config={"name": "at", "p": 2.0},
+               weights={"ce": 1.0, "at": 1000.0},
+               attrs={"p": 2.0, "student_taps": ("stage1", "stage2", "stage3"),
+                      "teacher_taps": ("stage1", "stage2", "stage3")}),
+    # §1.3 SP row, §2.4: beta 3000 on the last feature map
+    "sp": dict(config={"name": "sp", "temperature": 4.0},
+               weights={"ce": 1.0, "sp": 3000.0},
+               attrs={"student_taps": ("stage3",), "teacher_taps": ("stage3",), "with_kd": False}),
+    # §1.3 CC row, §2.5: beta 0.02, feat_dim 128, RD's (reference) loss; the paper variant's gamma 0.4 / P 2 (TD)
+    "cc": dict(config={"name": "cc", "variant": "reference", "gamma": 0.4, "p_order": 2, "feat_dim": 128,
+                       "temperature": 4.0},
+               weights={"ce": 1.0, "cc": 0.02},
+               attrs={"variant": "reference", "embed_s.out_features": 128, "embed_t.out_features": 128,
+                      "gamma": 0.4, "order": 2, "with_kd": False}),
+    # §1.3 VID row, §2.6: beta 1, INIT_PRED_VAR 5.0, EPS 1e-5; RD trains the variance (fixed_variance false)
+    "vid": dict(config={"name": "vid", "init_pred_var": 5.0, "eps": 1e-5, "fixed_variance": False, "temperature": 4.0},
+                weights={"ce": 1.0, "vid": 1.0},
+                attrs={"levels.0.eps": 1e-5, "student_taps": ("stage1", "stage2", "stage3"),
+                       "teacher_taps": ("stage1", "stage2", "stage3")}),
+    # §1.3 RKD row, §2.7: outer weight 1 with inner weights distance 25, angle 50
+    "rkd": dict(config={"name": "rkd", "temperature": 4.0},
+                weights={"ce": 1.0, "rkd_distance": 25.0, "rkd_angle": 50.0},
+                attrs={"student_taps": ("embedding",), "teacher_taps": ("embedding",)}),
+    # §1.3 PKT row, §2.8: beta 30000 on the pooled vectors
+    "pkt": dict(config={"name": "pkt", "temperature": 4.0},
+                weights={"ce": 1.0, "pkt": 30000.0},
+                attrs={"student_taps": ("embedding",), "teacher_taps": ("embedding",)}),
+    # §1.3 AB row, §1.4, §2.9: 30-epoch stage at the base LR, margin 1, main stage CE only (beta unused)
+    "ab": dict(config={"name": "ab", "stage_epochs": 30, "stage_lr": None, "margin": 1.0, "preact_fallback": True},
+               weights={"ce": 1.0},
+               attrs={"margin": 1.0, "stage_epochs": 30, "stage_lr": 0.05, "student_taps": (),
+                      "stage_student_taps": ("stage1_pre", "stage2_pre", "stage3_pre"),
+                      "stage_teacher_taps": ("stage1_pre", "stage2_pre", "stage3_pre")}),
+    # §1.3 FT row, §1.4, §2.10: beta 200, rate 0.5, 30-epoch paraphraser stage at 0.01 for resnet students
+    "ft": dict(config={"name": "ft", "variant": "reference", "rate": 0.5, "stage_epochs": 30, "stage_lr": None},
+               weights={"ce": 1.0, "ft": 200.0},
+               attrs={"variant": "reference", "stage_epochs": 30, "stage_lr": 0.01,
+                      "student_taps": ("stage3",), "teacher_taps": ("stage3",)}),
+    # §1.3 FSP row, §1.4, §2.11: 30-epoch stage at the base LR, then CE only (beta 50 unused -> weight 0)
+    "fsp": dict(config={"name": "fsp", "protocol": "reference", "stage_epochs": 30, "stage_lr": None},
+                weights={"ce": 1.0, "fsp": 0.0},
+                attrs={"reduction": "mean", "stage_epochs": 30, "stage_lr": 0.05,
+                       "student_taps": ("stem", "stage1", "stage2", "stage3"),
+                       "teacher_taps": ("stem", "stage1", "stage2", "stage3")}),
+    # §1.3 NST row, §2.12: beta 50
+    "nst": dict(config={"name": "nst", "temperature": 4.0},
+                weights={"ce": 1.0, "nst": 50.0},
+                attrs={"student_taps": ("stage1", "stage2", "stage3")}),
+    # §1.3 CRD row, §2.13: beta 0.8, dim 128, K 16384, T 0.07, momentum 0.5, mode exact (K clamped to n_train here)
+    "crd": dict(config={"name": "crd", "feat_dim": 128, "nce_k": 16384, "nce_t": 0.07, "nce_m": 0.5, "mode": "exact",
+                        "temperature": 4.0},
+                weights={"ce": 1.0, "crd": 0.8},
+                attrs={"nce_t": 0.07, "momentum": 0.5, "nce_k": N_TRAIN, "sampler.mode": "exact",
+                       "embed_s.linear.out_features": 128, "embed_t.linear.out_features": 128, "with_kd": False}),
+    # §1.3 CRD row (CRD+KD: -a 1 -b 0.8), §2.13; KD T 4 (RD --kd_T 4)
+    "crd_kd": dict(config={"name": "crd", "label": "crd_kd", "feat_dim": 128, "nce_k": 16384, "nce_t": 0.07,
+                           "nce_m": 0.5, "mode": "exact", "temperature": 4.0},
+                   weights={"ce": 1.0, "kd": 1.0, "crd": 0.8},
+                   attrs={"nce_t": 0.07, "momentum": 0.5, "sampler.mode": "exact", "with_kd": True,
+                          "kd_temperature": 4.0}),
+    # §1.3 KDSVD row, §2.14: MD CE 1, FEAT 1, K 1; RD's (HW x C) reshape
+    "kdsvd": dict(config={"name": "kdsvd", "k": 1, "reshape": "rd", "temperature": 4.0},
+                  weights={"ce": 1.0, "kdsvd": 1.0},
+                  attrs={"k": 1, "reshape": "rd"}),
+    # §1.3 OFD row, §2.15: FEAT 0.001, connector kernel 1, teacher in train mode (MD)
+    "ofd": dict(config={"name": "ofd", "kernel_size": 1, "teacher_train_mode": True, "temperature": 4.0},
+                weights={"ce": 1.0, "ofd": 0.001},
+                attrs={"teacher_train_mode": True, "connectors.0.0.kernel_size": (1, 1),
+                       "student_taps": ("stage1_pre", "stage2_pre", "stage3_pre"),
+                       "teacher_taps": ("stage1_pre", "stage2_pre", "stage3_pre")}),
+    # §1.3 ReviewKD row (5.0 in configs/cifar100/reviewkd.yaml), §1.4 warm-up 20, §2.16 C_mid = min(512, ...)
+    "reviewkd": dict(config={"name": "reviewkd", "warmup_epochs": 20, "max_mid_channel": 512, "temperature": 4.0},
+                     weights={"ce": 1.0, "reviewkd": 5.0},
+                     attrs={"warmup_epochs": 20.0, "student_taps": ("stage1", "stage2", "stage3", "embedding"),
+                            "teacher_taps": ("stage1_pre", "stage2_pre", "stage3_pre", "embedding")}),
+    # §1.3 DKD row, §1.4 warm-up 20, §2.17: CE 1, alpha 1, beta 8 (res32x4 -> res8x4 default), T 4
+    "dkd": dict(config={"name": "dkd", "temperature": 4.0, "warmup_epochs": 20},
+                weights={"ce": 1.0, "tckd": 1.0, "nckd": 8.0},
+                attrs={"temperature": 4.0, "warmup_epochs": 20.0}),
+    # §2.17 per-pair beta table (+ MD issue #6: ResNet50 -> wrn_16_2 beta 6); composed for resnet56 -> resnet20 (beta 2)
+    "dkd_per_pair": dict(config={"name": "dkd", "label": "dkd", "temperature": 4.0, "warmup_epochs": 20,
+                                 "beta_by_pair": {"resnet32x4": {"resnet8x4": 8.0, "ShuffleV1": 8.0, "ShuffleV2": 8.0},
+                                                  "wrn_40_2": {"ShuffleV1": 8.0, "wrn_16_2": 6.0, "wrn_40_1": 6.0},
+                                                  "ResNet50": {"MobileNetV2": 8.0, "wrn_16_2": 6.0},
+                                                  "resnet56": {"resnet20": 2.0},
+                                                  "resnet110": {"resnet32": 2.0},
+                                                  "vgg13": {"vgg8": 6.0, "MobileNetV2": 6.0}}},
+                         weights={"ce": 1.0, "tckd": 1.0, "nckd": 2.0},
+                         attrs={"temperature": 4.0, "warmup_epochs": 20.0}),
+    # ---- not in methods.md: pinned to the values the configs cite from the papers / authors' code
+    # Born-Again Networks (Furlanello et al. 2018): KD from the previous generation, plain softmax, no label term
+    "ban": dict(config={"name": "tf_kd_self", "label": "ban", "temperature": 1.0, "require_same_architecture": True},
+                weights={"ce": 0.0, "kd": 1.0},
+                attrs={"temperature": 1.0}),
+    # Tf-KD_self (Yuan et al. 2020, code loss_kd_self, ResNet18 CIFAR-100 params.json): alpha 0.95, T 6, x50 -> /K
+    "tf_kd_self": dict(config={"name": "tf_kd_self", "temperature": 6.0, "require_same_architecture": True},
+                       weights={"ce": 0.05, "kd": 0.475},
+                       attrs={"temperature": 6.0}),
+    # Tf-KD_reg (Yuan et al. 2020, code loss_kd_regularization, ResNet18): a 0.99, T 20, alpha 0.1, x100 -> /K
+    "tf_kd": dict(config={"name": "tf_kd", "temperature": 20.0, "correct_prob": 0.99},
+                  weights={"ce": 0.9, "tf_kd": 0.1},
+                  attrs={"temperature": 20.0, "correct_prob": 0.99}),
+    # DML (Zhang et al. 2018): one peer of the student's architecture, all weights 1, pairwise mimicry (Eq. 11)
+    "dml": dict(config={"name": "dml", "peers": ["${student.model}"], "mimic": "pairwise"},
+                weights={"ce": 1.0, "mimic": 1.0, "peer_ce": 1.0, "peer_mimic": 1.0},
+                attrs={"mimic_mode": "pairwise", "peer_names": ["resnet8"]}),
+    # Conditional T-S (Meng et al. 2019): the conditional loss alone, T 1, CE soft branch
+    "cond_ts": dict(config={"name": "cond_ts", "temperature": 1.0, "soft_loss": "ce"},
+                    weights={"ce": 0.0, "cts": 1.0},
+                    attrs={"temperature": 1.0, "soft_loss": "ce"}),
+    # Ba & Caruana 2014: logit regression only (no hard labels), MSE reduction
+    "logit_l2": dict(config={"name": "logit_l2", "reduction": "mean"},
+                     weights={"ce": 0.0, "l2": 1.0},
+                     attrs={"reduction": "mean"}),
+    # DarkRank (Chen et al. 2018): alpha 3, beta 3 (paper), hard (ListMLE) mode
+    "darkrank": dict(config={"name": "darkrank", "mode": "hard", "alpha": 3.0, "beta": 3.0, "normalize": True,
+                             "top_k": 4, "hard_top_k": None},
+                     weights={"ce": 1.0, "darkrank": 1.0},
+                     attrs={"mode": "hard", "alpha": 3.0, "beta": 3.0, "normalize": True, "top_k": 4,
+                            "hard_top_k": None}),
+    "vanilla": dict(config={"name": "vanilla"}, weights={"ce": 1.0}, attrs={}),
+}
+
+# §1.4: the DKD / ReviewKD warm-up min(epoch / 20, 1) and the terms it scales (CE is never warmed up)
+WARMUP_EPOCHS = 20
+WARMED_TERMS = {"dkd": {"tckd", "nckd"}, "dkd_per_pair": {"tckd", "nckd"}, "reviewkd": {"reviewkd"}}
+
+# ----------------------------------------------------------------------------- the pair each config is built on
+# (teacher, student, extra compose overrides). Default: resnet14 -> resnet8 at 16x16 (maps 16/8/4, equal widths, so FSP
+# and KDSVD's rd reshape work). Self-training needs the student's architecture; DML / Tf-KD_reg / vanilla need none.
+DEFAULT_SETUP = ("resnet14", "resnet8", ())
+SETUP = {
+    "ban": ("resnet8", "resnet8", ()),
+    "tf_kd_self": ("resnet8", "resnet8", ()),
+    "dml": (None, "resnet8", ("student=resnet8",)),  # the peer is ${student.model}
+    "tf_kd": (None, "resnet8", ()),
+    "vanilla": (None, "resnet8", ()),
+    # the config is composed for resnet56 -> resnet20 (beta 2 from the table); the loss itself only needs logits
+    "dkd_per_pair": ("resnet14", "resnet8", ("teacher=resnet56", "student=resnet20")),
+}
+
+
+def setup_of(name):
+    return SETUP.get(name, DEFAULT_SETUP)
+
+
+@lru_cache(maxsize=None)
+def composed(name: str, *overrides: str):
+    """The composed method config (cached: tests must not mutate it)."""
+    return method_config(name, *setup_of(name)[2], *overrides)
+
+
+def build(name: str, *overrides: str, seed: int = 0):
+    """(method, pair, batch, student outputs, teacher outputs) for a config on its SETUP pair."""
+    teacher, student, _ = setup_of(name)
+    pair = make_pair(teacher, student, NUM_CLASSES, SHAPE, N_TRAIN, seed)
+    method = create_method(composed(name, *overrides), pair)
+    batch = make_batch(BATCH, NUM_CLASSES, SHAPE)
+    s_out, t_out = forward(pair, method, batch, method.student_taps, method.teacher_taps)
+    return method, pair, batch, s_out, t_out
+
+
+def forward(pair, method, batch, student_taps, teacher_taps):
+    s_out = pair.student.forward_taps(batch.inputs, student_taps)
+    t_out = None
+    if pair.teacher is not None and method.needs_teacher:
+        pair.teacher.train(method.teacher_train_mode)
+        with torch.no_grad():
+            t_out = pair.teacher.forward_taps(batch.inputs, teacher_taps)
+    return s_out, t_out
+
+
+def ramp(name: str, term: str, epoch: int) -> float:
+    return min(epoch / WARMUP_EPOCHS, 1.0) if term in WARMED_TERMS.get(name, ()) else 1.0
+
+
+def get_attr(obj, path: str):
+    for part in path.split("."):
+        obj = obj[int(part)] if part.isdigit() else getattr(obj, part)
+    return obj
+
+
+def close(actual, expected, what):
+    torch.testing.assert_close(actual, expected, rtol=RTOL, atol=ATOL, msg=lambda m: f"{what}: {m}")
+
+
+# ----------------------------------------------------------------------------- expected terms (part 2)
+# For each config: the terms recomputed from the plain loss functions on the named taps, with the reference
+# hyper-parameters (REFERENCE[...]), calling the method's own trainable heads where it has them.
+
+
+def _ce(s, b):
+    return F.cross_entropy(s["logits"], b.targets)
+
+
+def _stages(out, suffix=""):
+    return [out[f"stage{i}{suffix}"] for i in (1, 2, 3)]
+
+
+def _kd(s, t, T=4.0):
+    from kdbench.methods.kd import kd_loss
+    return kd_loss(s["logits"], t["logits"], T)
+
+
+def exp_kd(m, pair, b, s, t, ref):
+    return {"ce": _ce(s, b), "kd": _kd(s, t, ref["config"]["temperature"])}
+
+
+def exp_fitnet(m, pair, b, s, t, ref):
+    from kdbench.methods.fitnet import hint_loss
+    return {"ce": _ce(s, b), "hint": hint_loss(m.regressor(s["stage2"]), t["stage2"])}
+
+
+def exp_at(m, pair, b, s, t, ref):
+    from kdbench.methods.at import at_loss
+    return {"ce": _ce(s, b), "at": at_loss(_stages(s), _stages(t), p=ref["config"]["p"])}
+
+
+def exp_sp(m, pair, b, s, t, ref):
+    from kdbench.methods.sp import sp_loss
+    return {"ce": _ce(s, b), "sp": sp_loss(s["stage3"], t["stage3"])}
+
+
+def exp_cc(m, pair, b, s, t, ref):
+    from kdbench.methods.cc import cc_reference_loss
+    return {"ce": _ce(s, b), "cc": cc_reference_loss(m.embed_s(s["embedding"]), m.embed_t(t["embedding"]))}
+
+
+def exp_vid(m, pair, b, s, t, ref):
+    from kdbench.methods.vid import softplus_variance, vid_nll
+    total = 0.0
+    for level, f_s, f_t in zip(m.levels, _stages(s), _stages(t), strict=True):
+        f_s, f_t = match_spatial(f_s, f_t)
+        total = total + vid_nll(level.regressor(f_s), f_t, softplus_variance(level.alpha, ref["config"]["eps"]))
+    return {"ce": _ce(s, b), "vid": total}
+
+
+def exp_rkd(m, pair, b, s, t, ref):
+    from kdbench.methods.rkd import rkd_angle_loss, rkd_distance_loss
+    return {"ce": _ce(s, b), "rkd_distance": rkd_distance_loss(s["embedding"], t["embedding"]),
+            "rkd_angle": rkd_angle_loss(s["embedding"], t["embedding"])}
+
+
+def exp_pkt(m, pair, b, s, t, ref):
+    from kdbench.methods.pkt import pkt_loss
+    return {"ce": _ce(s, b), "pkt": pkt_loss(s["embedding"], t["embedding"])}
+
+
+def exp_ab(m, pair, b, s, t, ref):
+    return {"ce": _ce(s, b)}  # main training is CE only (§1.4); the AB loss lives in the stage (EXPECTED_STAGE)
+
+
+def exp_ft(m, pair, b, s, t, ref):
+    from kdbench.methods.ft import ft_loss
+    with torch.no_grad():
+        factor_t = m.paraphraser.encoder(t["stage3"])
+    return {"ce": _ce(s, b), "ft": ft_loss(m.translator(s["stage3"]), factor_t, ref["config"]["variant"])}
+
+
+def exp_fsp(m, pair, b, s, t, ref):
+    from kdbench.methods.fsp import fsp_loss
+    return {"ce": _ce(s, b), "fsp": fsp_loss([s["stem"], *_stages(s)], [t["stem"], *_stages(t)], "mean")}
+
+
+def exp_nst(m, pair, b, s, t, ref):
+    from kdbench.methods.nst import nst_loss
+    return {"ce": _ce(s, b), "nst": nst_loss(_stages(s), _stages(t))}
+
+
+def exp_crd(m, pair, b, s, t, ref):
+    """Called on a deep copy of the method taken before its loss, with the same RNG seed (the sampler draws)."""
+    from kdbench.methods.crd import contrast_scores, nce_loss
+    cfg = ref["config"]
+    n = len(pair.train_labels)
+    idx = b.indices
+    e_s, e_t = m.embed_s(s["embedding"]), m.embed_t(t["embedding"])
+    contrast = m.sampler(idx)
+    assert torch.equal(contrast[:, 0], idx)  # mode exact: the positive is the sample itself
+    out_s = contrast_scores(m.bank_t, e_s, contrast, cfg["nce_t"])  # student anchor vs teacher bank
+    out_t = contrast_scores(m.bank_s, e_t, contrast, cfg["nce_t"])  # teacher anchor vs student bank
+    z_s, z_t = out_s.mean() * n, out_t.mean() * n  # Z fixed from the first batch
+    terms = {"ce": _ce(s, b), "crd": nce_loss(out_s / z_s, n) + nce_loss(out_t / z_t, n)}
+    if "kd" in ref["weights"]:
+        terms["kd"] = _kd(s, t, cfg["temperature"])
+    return terms
+
+
+def exp_kdsvd(m, pair, b, s, t, ref):
+    from kdbench.methods.kdsvd import kdsvd_loss
+    cfg = ref["config"]
+    return {"ce": _ce(s, b), "kdsvd": kdsvd_loss(_stages(s), _stages(t), cfg["k"], cfg["reshape"])}
+
+
+def exp_ofd(m, pair, b, s, t, ref):
+    from kdbench.methods.ofd import ofd_loss, ofd_margin
+    margins = [ofd_margin(bn.weight, bn.bias) for bn in pair.teacher.bn_before_relu()]  # stage1..3 BN-before-ReLU
+    g_s = [conn(f) for conn, f in zip(m.connectors, _stages(s, "_pre"), strict=True)]
+    return {"ce": _ce(s, b), "ofd": ofd_loss(g_s, _stages(t, "_pre"), margins)}
+
+
+def exp_reviewkd(m, pair, b, s, t, ref):
+    """§2.16: student [stage1, stage2, stage3, pooled] fused deepest first by the ABFs; teacher pre-activation maps."""
+    from kdbench.methods.reviewkd import hcl_loss
+    s_feats = [*_stages(s), s["embedding"][:, :, None, None]]
+    t_feats = [*_stages(t, "_pre"), t["embedding"][:, :, None, None]]
+    deep_first = list(zip(s_feats[::-1], [f.shape[-2:] for f in t_feats][::-1]))
+    out, residual = m.abfs[0](deep_first[0][0], out_size=deep_first[0][1])
+    fused = [out]
+    for (x, size), abf in zip(deep_first[1:], m.abfs[1:], strict=True):
+        out, residual = abf(x, residual, size)
+        fused.insert(0, out)
+    return {"ce": _ce(s, b), "reviewkd": hcl_loss(fused, t_feats)}
+
+
+def exp_dkd(m, pair, b, s, t, ref):
+    from kdbench.methods.dkd import nckd_loss, tckd_loss
+    T = ref["config"]["temperature"]
+    return {"ce": _ce(s, b), "tckd": tckd_loss(s["logits"], t["logits"], b.targets, T),
+            "nckd": nckd_loss(s["logits"], t["logits"], b.targets, T)}
+
+
+def exp_tf_kd(m, pair, b, s, t, ref):
+    from kdbench.methods.tf_kd import tf_kd_reg_loss
+    cfg = ref["config"]
+    return {"ce": _ce(s, b), "tf_kd": tf_kd_reg_loss(s["logits"], b.targets, cfg["temperature"], cfg["correct_prob"])}
+
+
+def exp_dml(m, pair, b, s, t, ref):
+    from kdbench.methods.dml import dml_loss
+    return dml_loss(s["logits"], [peer(b.inputs) for peer in m.peers], b.targets, ref["config"]["mimic"])
+
+
+def exp_cond_ts(m, pair, b, s, t, ref):
+    from kdbench.methods.cond_ts import conditional_ts_loss
+    cfg = ref["config"]
+    return {"ce": _ce(s, b), "cts": conditional_ts_loss(s["logits"], t["logits"], b.targets, cfg["temperature"],
+                                                        cfg["soft_loss"])}
+
+
+def exp_logit_l2(m, pair, b, s, t, ref):
+    from kdbench.methods.logit_l2 import logit_l2_loss
+    return {"ce": _ce(s, b), "l2": logit_l2_loss(s["logits"], t["logits"], ref["config"]["reduction"])}
+
+
+def exp_darkrank(m, pair, b, s, t, ref):
+    from kdbench.methods.darkrank import darkrank_hard_loss
+    cfg = ref["config"]
+    return {"ce": _ce(s, b), "darkrank": darkrank_hard_loss(s["embedding"], t["embedding"], cfg["alpha"], cfg["beta"],
+                                                            cfg["normalize"], cfg["hard_top_k"])}
+
+
+def exp_vanilla(m, pair, b, s, t, ref):
+    return {"ce": _ce(s, b)}
+
+
+EXPECTED_TERMS = {
+    "kd": exp_kd, "ban": exp_kd, "tf_kd_self": exp_kd, "fitnet": exp_fitnet, "at": exp_at, "sp": exp_sp, "cc": exp_cc,
+    "vid": exp_vid, "rkd": exp_rkd, "pkt": exp_pkt, "ab": exp_ab, "ft": exp_ft, "fsp": exp_fsp, "nst": exp_nst,
+    "crd": exp_crd, "crd_kd": exp_crd, "kdsvd": exp_kdsvd, "ofd": exp_ofd, "reviewkd": exp_reviewkd, "dkd": exp_dkd,
+    "dkd_per_pair": exp_dkd, "tf_kd": exp_tf_kd, "dml": exp_dml, "cond_ts": exp_cond_ts, "logit_l2": exp_logit_l2,
+    "darkrank": exp_darkrank, "vanilla": exp_vanilla,
+}
+
+
+# Pre-training stages (§1.4): name -> (stage name, student taps, teacher taps, expected stage loss)
+def stage_ab(m, pair, b, s, t):
+    from kdbench.methods.ab import ab_loss
+    g_s = [conn(f) for conn, f in zip(m.connectors, _stages(s, "_pre"), strict=True)]
+    return ab_loss(g_s, _stages(t, "_pre"), REFERENCE["ab"]["config"]["margin"])
+
+
+def stage_ft(m, pair, b, s, t):
+    from kdbench.methods.ft import paraphraser_loss
+    return paraphraser_loss(m.paraphraser(t["stage3"]), t["stage3"])
+
+
+def stage_fsp(m, pair, b, s, t):
+    from kdbench.methods.fsp import fsp_loss
+    return fsp_loss([s["stem"], *_stages(s)], [t["stem"], *_stages(t)], "mean")
+
+
+PRE = ("stage1_pre", "stage2_pre", "stage3_pre")
+FSP_TAPS = ("stem", "stage1", "stage2", "stage3")
+EXPECTED_STAGES = {  # §1.4: AB trains connectors + feature layers, FT the paraphraser only, FSP the student
+    "ab": ("ab_init", PRE, PRE, stage_ab, "connectors+features"),
+    "ft": ("paraphraser", (), ("stage3",), stage_ft, "paraphraser"),
+    "fsp": ("fsp", FSP_TAPS, FSP_TAPS, stage_fsp, "student"),
+}
+
+# Variants that add an optional term or zero a weight, beyond the shipped configs
+OPTIONAL_KD = ["sp", "cc", "vid", "rkd", "pkt", "nst", "crd", "kdsvd", "ofd", "reviewkd"]
+VARIANTS = [(name, ()) for name in METHOD_YAMLS] + [
+    ("kd", ("method.weights.ce=0",)),  # soft targets only: ce logged, not summed
+    ("dkd", ("method.weights.tckd=0",)),  # a warmed-up term with weight 0
+    *[(name, ("+method.weights.kd=0.5",)) for name in OPTIONAL_KD],  # OptionalKD's Hinton term (never warmed up)
+]
+
+
+def variant_id(v):
+    return v[0] + "".join(f"[{o.split('weights.')[-1]}]" for o in v[1])
+
+
+def expected_weights(name, overrides=()):
+    """The weights as the composed config gives them (independent of the method object)."""
+    return {str(k): float(v) for k, v in OmegaConf.to_container(composed(name, *overrides).weights, resolve=True).items()}
+
+
+# ============================================================================= tests
+
+
+def test_every_method_config_has_an_entry_in_every_wiring_table():
+    assert len(METHOD_YAMLS) >= 27
+    for table, what in ((REFERENCE, "REFERENCE"), (EXPECTED_TERMS, "EXPECTED_TERMS")):
+        assert sorted(table) == METHOD_YAMLS, f"{what} does not cover exactly conf/method/*.yaml"
+    for name in list(WARMED_TERMS) + list(SETUP) + list(EXPECTED_STAGES) + OPTIONAL_KD:
+        assert name in METHOD_YAMLS, f"{name} is in a wiring table but has no conf/method/{name}.yaml"
+
+
+# ----------------------------------------------------------------------------- 1. weighted sum
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=variant_id)
+def test_total_is_the_weighted_sum_of_the_logged_terms_with_warmups_on_exactly_the_warmed_terms(variant):
+    name, overrides = variant
+    weights = expected_weights(name, overrides)
+    method, pair, batch, s_out, t_out = build(name, *overrides)
+    for epoch in EPOCHS:
+        total, terms = method.loss(batch, s_out, t_out, epoch)
+        assert set(terms) == set(weights), f"{name}: logged terms {sorted(terms)} != configured weights {sorted(weights)}"
+        assert all(torch.isfinite(v) for v in terms.values())
+        expected = sum(weights[k] * ramp(name, k, epoch) * terms[k].detach().double() for k in terms if weights[k] != 0)
+        close(total.detach().double(), torch.as_tensor(expected, dtype=torch.float64), f"{name} epoch {epoch}")
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=variant_id)
+def test_loss_scales_each_term_by_its_weight_times_ramp_and_a_nan_zero_weight_term_stays_out(variant):
+    """Method.loss + term_weights on stand-in terms: d total / d term_k = w_k * ramp_k(epoch), exactly the configured
+    weights; weight-0 terms are NaN here, and must neither reach the total nor receive a gradient."""
+    name, overrides = variant
+    weights = expected_weights(name, overrides)
+    method, *_ = build(name, *overrides)
+    for epoch in EPOCHS:
+        fake = {k: torch.tensor(float("nan") if w == 0 else 1.0 + 0.37 * i, requires_grad=True)
+                for i, (k, w) in enumerate(weights.items())}
+        method.terms = lambda batch, student, teacher, fake=fake: dict(fake)
+        total, terms = method.loss(None, None, None, epoch)
+        assert terms.keys() == fake.keys()  # every term logged, zero-weight ones included
+        assert torch.isfinite(total), f"{name} epoch {epoch}: a weight-0 (NaN) term leaked into the total"
+        total.backward()
+        for k, v in fake.items():
+            w = weights[k] * ramp(name, k, epoch)
+            if weights[k] == 0:
+                assert v.grad is None or v.grad.item() == 0, f"{name}: weight-0 term '{k}' got a gradient"
+            else:
+                assert v.grad is not None and v.grad.item() == pytest.approx(w, rel=1e-6), \
+                    f"{name} epoch {epoch}: term '{k}' weighted {None if v.grad is None else v.grad.item()}, expected {w}"
+
+
+def test_kd_total_drops_the_zero_weight_ce_but_logs_it():
+    method, pair, batch, s, t = build("kd", "method.weights.ce=0")
+    total, terms = method.loss(batch, s, t, 1)
+    assert terms["ce"].item() > 0
+    close(total, 0.9 * terms["kd"], "kd soft-targets-only total")
+
+
+def test_ban_total_is_the_kd_term_alone():
+    method, pair, batch, s, t = build("ban")
+    total, terms = method.loss(batch, s, t, 1)
+    assert set(terms) == {"ce", "kd"} and terms["ce"].item() > 0
+    close(total, terms["kd"], "ban total")
+
+
+@pytest.mark.parametrize("name", ["dkd", "reviewkd"])
+def test_warmup_ramps_the_distillation_terms_linearly_over_20_epochs_and_never_ce(name):
+    method, *_ = build(name)
+    base = expected_weights(name)
+    for epoch, factor in ((1, 0.05), (10, 0.5), (19, 0.95), (20, 1.0), (21, 1.0), (240, 1.0)):
+        got = method.term_weights(epoch)
+        for k, w in base.items():
+            want = w * factor if k in WARMED_TERMS[name] else w
+            assert got[k] == pytest.approx(want, rel=1e-12), f"{name} epoch {epoch} term {k}"
+
+
+# ----------------------------------------------------------------------------- 2. terms bound to the right functions
+
+
+@pytest.mark.parametrize("variant", [(n, ()) for n in METHOD_YAMLS] + [(n, ("+method.weights.kd=0.5",)) for n in OPTIONAL_KD],
+                         ids=variant_id)
+def test_each_term_equals_its_loss_function_on_the_right_taps(variant):
+    name, overrides = variant
+    method, pair, batch, s_out, t_out = build(name, *overrides)
+    twin = copy.deepcopy(method)  # CRD updates its banks and Z inside the loss; the twin keeps the state before it
+    torch.manual_seed(123)
+    _, terms = method.loss(batch, s_out, t_out, 240)
+    torch.manual_seed(123)
+    ref = REFERENCE[name]
+    expected = EXPECTED_TERMS[name](twin, pair, batch, s_out, t_out, ref)
+    if overrides:
+        expected["kd"] = _kd(s_out, t_out, ref["config"]["temperature"])
+    assert set(terms) == set(expected), f"{name}: terms {sorted(terms)}, expected {sorted(expected)}"
+    for k in expected:
+        close(terms[k], expected[k], f"{name} term '{k}'")
+
+
+@pytest.mark.parametrize("name", METHOD_YAMLS)
+def test_distillation_terms_depend_on_the_teacher_outputs(name):
+    """Guards against a term computed from the student alone (e.g. student taps passed on both sides)."""
+    method, pair, batch, s_out, t_out = build(name)
+    if t_out is None:
+        pytest.skip(f"{name} has no pre-trained teacher")
+    twin = copy.deepcopy(method)
+    torch.manual_seed(5)
+    _, terms = method.loss(batch, s_out, t_out, 240)
+    gen = torch.Generator().manual_seed(9)  # an unrelated teacher: same shapes, independent values
+    t_other = {k: torch.randn(v.shape, generator=gen) * (v.std() + 1e-3) + v.mean() for k, v in t_out.items()}
+    torch.manual_seed(5)
+    _, terms_other = twin.loss(batch, s_out, t_other, 240)
+    for k in set(terms) - {"ce"}:
+        assert not torch.allclose(terms[k], terms_other[k]), f"{name}: term '{k}' ignores the teacher"
+
+
+@pytest.mark.parametrize("name", METHOD_YAMLS)
+def test_pre_training_stages_are_the_reference_ones(name):
+    teacher, student, _ = setup_of(name)
+    pair = make_pair(teacher, student, NUM_CLASSES, SHAPE, N_TRAIN)
+    method = create_method(composed(name), pair)
+    stages = method.stages(pair.student, pair.teacher)
+    if name not in EXPECTED_STAGES:
+        assert stages == [], f"{name}: unexpected pre-training stage(s) {[s.name for s in stages]}"
+        return
+    stage_name, s_taps, t_taps, loss_fn, trained = EXPECTED_STAGES[name]
+    (stage,) = stages
+    ref = REFERENCE[name]
+    assert (stage.name, stage.epochs, stage.lr) == (stage_name, ref["config"]["stage_epochs"], ref["attrs"]["stage_lr"])
+    assert (stage.momentum, stage.weight_decay) == (0.9, 5e-4)  # §1.4: SGD momentum 0.9, wd 5e-4, constant LR
+    assert tuple(stage.student_taps) == s_taps and tuple(stage.teacher_taps) == t_taps
+    params = {id(p) for p in stage.parameters}
+    if trained == "paraphraser":
+        assert params == {id(p) for p in method.paraphraser.parameters()}
+    elif trained == "student":
+        assert params == {id(p) for p in pair.student.parameters()}
+    else:  # AB: connectors + every student parameter but the classifier
+        head = {id(p) for p in pair.student.fc.parameters()}
+        assert params == {id(p) for p in method.connectors.parameters()} | \
+            {id(p) for p in pair.student.parameters() if id(p) not in head}
+    batch = make_batch(BATCH, NUM_CLASSES, SHAPE)
+    s_out, t_out = forward(pair, method, batch, stage.student_taps, stage.teacher_taps)
+    close(stage.loss(batch, s_out, t_out), loss_fn(method, pair, batch, s_out, t_out), f"{name} stage loss")
+
+
+# ----------------------------------------------------------------------------- 3. shipped defaults vs the reference
+
+
+@pytest.mark.parametrize("name", METHOD_YAMLS)
+def test_shipped_config_defaults_match_the_reference(name):
+    cfg = composed(name)
+    ref = REFERENCE[name]
+    raw = OmegaConf.to_container(cfg, resolve=False)
+    raw.pop("weights")
+    if name == "dkd_per_pair":  # dkd.yaml's keys come in through its defaults list
+        raw.pop("defaults", None)
+    assert raw == ref["config"], f"{name}: composed config differs from the reference defaults"
+    weights = OmegaConf.to_container(cfg.weights, resolve=True)
+    assert weights == ref["weights"] and all(type(v) is float for v in weights.values()), \
+        f"{name}: weights {weights} != reference {ref['weights']}"
+
+
+@pytest.mark.parametrize("name", METHOD_YAMLS)
+def test_built_method_carries_the_reference_defaults(name):
+    teacher, student, _ = setup_of(name)
+    method = create_method(composed(name), make_pair(teacher, student, NUM_CLASSES, SHAPE, N_TRAIN))
+    ref = REFERENCE[name]
+    assert method.method_name == ref["config"]["name"]
+    for path, want in ref["attrs"].items():
+        got = get_attr(method, path)
+        got = tuple(got) if isinstance(want, tuple) else list(got) if isinstance(want, list) else got
+        assert got == want, f"{name}: method.{path} = {got!r}, reference {want!r}"
+
+
+def test_dkd_per_pair_beta_is_mdistillers_table():
+    """§2.17 beta per (teacher, student) config, plus issue #6; unlisted pairs keep beta 8."""
+    table = {("resnet32x4", "resnet8x4"): 8.0, ("resnet32x4", "ShuffleV1"): 8.0, ("resnet32x4", "ShuffleV2"): 8.0,
+             ("wrn_40_2", "ShuffleV1"): 8.0, ("ResNet50", "MobileNetV2"): 8.0, ("resnet56", "resnet20"): 2.0,
+             ("resnet110", "resnet32"): 2.0, ("vgg13", "vgg8"): 6.0, ("vgg13", "MobileNetV2"): 6.0,
+             ("wrn_40_2", "wrn_16_2"): 6.0, ("wrn_40_2", "wrn_40_1"): 6.0, ("ResNet50", "wrn_16_2"): 6.0,
+             ("resnet56", "resnet8"): 8.0}
+    for (teacher, student), beta in table.items():
+        cfg = method_config("dkd_per_pair", f"teacher={teacher}", f"student={student}")
+        assert float(cfg.weights.nckd) == beta, f"dkd_per_pair {teacher} -> {student}"
+        assert float(cfg.weights.tckd) == 1.0 and float(cfg.weights.ce) == 1.0
+
+
+def test_vid_variance_starts_at_init_pred_var_and_is_trained():
+    """§2.6: sigma^2 = softplus(alpha) + eps = 5.0 at start; RD trains alpha (fixed_variance: false)."""
+    method, *_ = build("vid")
+    for level in method.levels:
+        var = F.softplus(level.alpha) + 1e-5
+        close(var, torch.full_like(var, 5.0), "vid initial variance")
+        assert isinstance(level.alpha, torch.nn.Parameter)
+    assert {id(level.alpha) for level in method.levels} <= {id(p) for p in method.trainable_parameters()}
+
+
+def test_fitnet_regressor_ends_with_a_relu():
+    """§2.2 ConvReg: conv, BatchNorm, then ReLU (use_relu=True); AB's connectors reuse it without the ReLU (§2.9)."""
+    method, pair, batch, s_out, t_out = build("fitnet")
+    reg = method.regressor
+    x = s_out["stage2"].detach()
+    pre = reg.bn(reg.conv(x))
+    assert (pre < 0).any(), "the check needs pre-activations of both signs"
+    out = reg(x)
+    assert out.min().item() >= 0
+    close(out, F.relu(pre), "fitnet regressor = relu(bn(conv(f_s)))")
+
+
+def test_ab_connectors_keep_negative_pre_activations():
+    """§2.9: a width-changing AB connector is ConvReg without ReLU, so the boundary loss sees the sign of s."""
+    pair = make_pair("resnet8x4", "resnet8", NUM_CLASSES, SHAPE, N_TRAIN)
+    method = create_method(composed("ab"), pair)
+    conn = method.connectors[0]
+    x = torch.randn(4, *pair.student_shapes["stage1_pre"], generator=torch.Generator().manual_seed(3))
+    out = conn(x)
+    assert out.shape[1:] == pair.teacher_shapes["stage1_pre"] and (out < 0).any()
+    close(out, conn.bn(conn.conv(x)), "ab connector = bn(conv(f_s))")
+
+
+def test_crd_memory_banks_move_by_nce_m_and_z_is_fixed_after_the_first_batch():
+    """§2.13: bank_s[idx] <- normalize(m bank_s[idx] + (1-m) e_s), bank_t likewise with e_t, m = 0.5; other rows stay;
+    Z is set from the first batch and then frozen."""
+    method, pair, batch, s, t = build("crd")
+    m = REFERENCE["crd"]["config"]["nce_m"]
+    before = {"bank_s": method.bank_s.clone(), "bank_t": method.bank_t.clone()}
+    emb = {"bank_s": method.embed_s(s["embedding"]).detach(), "bank_t": method.embed_t(t["embedding"]).detach()}
+    method.loss(batch, s, t, 1)
+    idx, rest = batch.indices, torch.arange(BATCH, N_TRAIN)
+    for name in ("bank_s", "bank_t"):
+        bank = getattr(method, name)
+        close(bank[idx], F.normalize(m * before[name][idx] + (1 - m) * emb[name], dim=1), f"crd {name} update")
+        assert torch.equal(bank[rest], before[name][rest]), f"crd {name}: rows outside the batch moved"
+    z = method.z.clone()
+    assert (z > 0).all()
+    method.loss(make_batch(BATCH, NUM_CLASSES, SHAPE, indices=range(8, 16), seed=2), s, t, 1)
+    assert torch.equal(method.z, z), "crd: Z changed after the first batch"
