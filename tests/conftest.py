@@ -14,16 +14,18 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import open_dict
 
 import kdbench.cli  # noqa: F401  (registers schemas and resolvers)
-from kdbench.cli import CONF_DIR  # noqa: E402
+from kdbench.config import CONF_DIR  # noqa: E402
 
 torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_MNIST = REPO.parent / "shared" / "data"
 
-# A CIFAR-shaped stand-in that trains in seconds: 10 classes, 64 train / 32 test images, 1 epoch.
+# A CIFAR-shaped stand-in that trains in seconds: 10 classes, 64 train / 32 test images, 1 epoch (a stored teacher
+# too: the synthetic recipe's 30 epochs are not needed to test wiring).
 TINY_SYNTHETIC = ["dataset=synthetic", "dataset.num_classes=10", "dataset.train_size=64", "dataset.test_size=32",
-                  "trainer.batch_size=16", "trainer.epochs=1", "trainer.progress=false"]
+                  "trainer.batch_size=16", "trainer.epochs=1", "trainer.progress=false",
+                  "++teacher.recipe.trainer.epochs=1"]
 
 
 def compose_config(overrides=(), tmp_path: Path | None = None, return_hydra_config: bool = False):
@@ -39,14 +41,20 @@ def compose_config(overrides=(), tmp_path: Path | None = None, return_hydra_conf
     return cfg
 
 
+def resolve_job(overrides=(), tmp_path: Path | None = None):
+    """The resolved kdbench.job.Job of these overrides (paths redirected into tmp_path), as `kdbench` would run it."""
+    from kdbench.job import resolve
+
+    return resolve(compose_config(overrides, tmp_path), tuple(overrides))
+
+
 @pytest.fixture
 def run_job(tmp_path):
     """run_job(*overrides, name="job") -> the record dict of a real training job in tmp_path/name."""
-    from kdbench.train import run
+    from kdbench.job import run
 
     def _run(*overrides, name="job"):
-        cfg = compose_config(overrides, tmp_path)
-        return run(cfg, tmp_path / name, tuple(overrides))
+        return run(resolve_job(overrides, tmp_path), tmp_path / name)
 
     return _run
 

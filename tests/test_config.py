@@ -5,7 +5,7 @@ import pytest
 from hydra.errors import ConfigCompositionException, MissingConfigException
 from omegaconf.errors import ConfigKeyError
 
-from kdbench.cli import CONF_DIR
+from kdbench.config import CONF_DIR
 from tests.conftest import compose_config
 
 GROUPS = ["dataset", "model", "teacher", "student", "method", "optim", "schedule", "trainer", "logger", "paths", "experiment"]

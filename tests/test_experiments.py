@@ -18,7 +18,7 @@ import pandas as pd
 import pytest
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
-from kdbench.cli import CONF_DIR
+from kdbench.config import CONF_DIR
 from kdbench.distill import method_class
 from kdbench.io import config_hash
 from kdbench.teachers import teacher_run_config

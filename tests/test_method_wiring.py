@@ -24,11 +24,12 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from kdbench.blocks import match_spatial
+from kdbench.config import CONF_DIR
+from kdbench.methods.common import match_spatial
 from kdbench.distill import create_method
 from tests.conftest import make_batch, make_pair, method_config
 
-CONF = Path(__file__).resolve().parents[1] / "conf" / "method"
+CONF = CONF_DIR / "method"
 METHOD_YAMLS = sorted(p.stem for p in CONF.glob("*.yaml"))
 
 NUM_CLASSES, SHAPE, N_TRAIN, BATCH = 10, (3, 16, 16), 40, 8
@@ -45,7 +46,7 @@ REFERENCE: dict[str, dict] = {
     # §1.3 KD row, §2.1: T 4, CE 0.1, KD 0.9 (RD -r 0.1 -a 0.9; MD CE 0.1, KD 0.9)
     "kd": dict(config={"name": "kd", "temperature": 4.0},
                weights={"ce": 0.1, "kd": 0.9},
-               attrs={"temperature": 4.0}),
+               attrs={"kd_temperature": 4.0}),
     # §1.3 FitNet row, §2.2: gamma 1, beta 100, hint layer 2 (= feat[2] = stage2 on both nets)
     "fitnet": dict(config={"name": "fitnet", "hint_layer": "stage2"},
                    weights={"ce": 1.0, "hint": 100.0},
@@ -58,13 +59,13 @@ REFERENCE: dict[str, dict] = {
     # §1.3 SP row, §2.4: beta 3000 on the last feature map
     "sp": dict(config={"name": "sp", "temperature": 4.0},
                weights={"ce": 1.0, "sp": 3000.0},
-               attrs={"student_taps": ("stage3",), "teacher_taps": ("stage3",), "with_kd": False}),
+               attrs={"student_taps": ("stage3",), "teacher_taps": ("stage3",)}),
     # §1.3 CC row, §2.5: beta 0.02, feat_dim 128, RD's (reference) loss; the paper variant's gamma 0.4 / P 2 (TD)
     "cc": dict(config={"name": "cc", "variant": "reference", "gamma": 0.4, "p_order": 2, "feat_dim": 128,
                        "temperature": 4.0},
                weights={"ce": 1.0, "cc": 0.02},
                attrs={"variant": "reference", "embed_s.out_features": 128, "embed_t.out_features": 128,
-                      "gamma": 0.4, "order": 2, "with_kd": False}),
+                      "gamma": 0.4, "order": 2}),
     # §1.3 VID row, §2.6: beta 1, INIT_PRED_VAR 5.0, EPS 1e-5; RD trains the variance (fixed_variance false)
     "vid": dict(config={"name": "vid", "init_pred_var": 5.0, "eps": 1e-5, "fixed_variance": False, "temperature": 4.0},
                 weights={"ce": 1.0, "vid": 1.0},
@@ -104,12 +105,12 @@ REFERENCE: dict[str, dict] = {
                         "temperature": 4.0},
                 weights={"ce": 1.0, "crd": 0.8},
                 attrs={"nce_t": 0.07, "momentum": 0.5, "nce_k": N_TRAIN, "sampler.mode": "exact",
-                       "embed_s.linear.out_features": 128, "embed_t.linear.out_features": 128, "with_kd": False}),
+                       "embed_s.linear.out_features": 128, "embed_t.linear.out_features": 128}),
     # §1.3 CRD row (CRD+KD: -a 1 -b 0.8), §2.13; KD T 4 (RD --kd_T 4)
     "crd_kd": dict(config={"name": "crd", "label": "crd_kd", "feat_dim": 128, "nce_k": 16384, "nce_t": 0.07,
                            "nce_m": 0.5, "mode": "exact", "temperature": 4.0},
                    weights={"ce": 1.0, "kd": 1.0, "crd": 0.8},
-                   attrs={"nce_t": 0.07, "momentum": 0.5, "sampler.mode": "exact", "with_kd": True,
+                   attrs={"nce_t": 0.07, "momentum": 0.5, "sampler.mode": "exact",
                           "kd_temperature": 4.0}),
     # §1.3 KDSVD row, §2.14: MD CE 1, FEAT 1, K 1; RD's (HW x C) reshape
     "kdsvd": dict(config={"name": "kdsvd", "k": 1, "reshape": "rd", "temperature": 4.0},
@@ -144,11 +145,11 @@ REFERENCE: dict[str, dict] = {
     # Born-Again Networks (Furlanello et al. 2018): KD from the previous generation, plain softmax, no label term
     "ban": dict(config={"name": "tf_kd_self", "label": "ban", "temperature": 1.0, "require_same_architecture": True},
                 weights={"ce": 0.0, "kd": 1.0},
-                attrs={"temperature": 1.0}),
+                attrs={"kd_temperature": 1.0}),
     # Tf-KD_self (Yuan et al. 2020, code loss_kd_self, ResNet18 CIFAR-100 params.json): alpha 0.95, T 6, x50 -> /K
     "tf_kd_self": dict(config={"name": "tf_kd_self", "temperature": 6.0, "require_same_architecture": True},
                        weights={"ce": 0.05, "kd": 0.475},
-                       attrs={"temperature": 6.0}),
+                       attrs={"kd_temperature": 6.0}),
     # Tf-KD_reg (Yuan et al. 2020, code loss_kd_regularization, ResNet18): a 0.99, T 20, alpha 0.1, x100 -> /K
     "tf_kd": dict(config={"name": "tf_kd", "temperature": 20.0, "correct_prob": 0.99},
                   weights={"ce": 0.9, "tf_kd": 0.1},
@@ -495,7 +496,7 @@ def test_loss_scales_each_term_by_its_weight_times_ramp_and_a_nan_zero_weight_te
     for epoch in EPOCHS:
         fake = {k: torch.tensor(float("nan") if w == 0 else 1.0 + 0.37 * i, requires_grad=True)
                 for i, (k, w) in enumerate(weights.items())}
-        method.terms = lambda batch, student, teacher, fake=fake: dict(fake)
+        method.all_terms = lambda batch, student, teacher, fake=fake: dict(fake)
         total, terms = method.loss(None, None, None, epoch)
         assert terms.keys() == fake.keys()  # every term logged, zero-weight ones included
         assert torch.isfinite(total), f"{name} epoch {epoch}: a weight-0 (NaN) term leaked into the total"

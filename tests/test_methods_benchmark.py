@@ -18,13 +18,14 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from kdbench.config import CONF_DIR
 from kdbench.data.loader import Batch
 from kdbench.distill import PairInfo, create_method
 from kdbench.errors import IncompatibleModels
 from kdbench.models import count_parameters, create_model, probe_taps
 from tests.conftest import TINY_SYNTHETIC
 
-CONF = Path(__file__).resolve().parents[1] / "conf" / "method"
+CONF = CONF_DIR / "method"
 METHODS = ["sp", "cc", "vid", "rkd", "pkt", "nst", "crd", "crd_kd", "dkd", "kdsvd", "ab", "ofd", "reviewkd"]
 
 

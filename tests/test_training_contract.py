@@ -14,7 +14,7 @@ import pytest
 import torch
 from omegaconf import open_dict
 
-from tests.conftest import ProbeNet, compose_config
+from tests.conftest import ProbeNet, compose_config, resolve_job
 
 TRAIN_BATCHES = [500, 500, 437]
 TEST_BATCH = 360
@@ -33,7 +33,7 @@ def teacher_checkpoint(tmp_path):
 
 def probe_run(tmp_path, *overrides, name="job", teacher_checkpoint=None):
     """A real job with ProbeNet as student (tag 'student') and, from a checkpoint, as teacher (tag 'teacher')."""
-    from kdbench.train import run
+    from kdbench.job import resolve, run
 
     cfg = compose_config([*DIGITS, *overrides], tmp_path)
     with open_dict(cfg):
@@ -42,7 +42,7 @@ def probe_run(tmp_path, *overrides, name="job", teacher_checkpoint=None):
         cfg.teacher.model = {"name": "probe_net", "tag": "teacher"}
         cfg.teacher.label = "probe_teacher"
         cfg.teacher.checkpoint = str(teacher_checkpoint) if teacher_checkpoint else None
-    return run(cfg, tmp_path / name, tuple(overrides))
+    return run(resolve(cfg, tuple(overrides)), tmp_path / name)
 
 
 def calls_of(log, tag, grad=None, sizes=None):
@@ -98,19 +98,19 @@ def test_a_pre_training_stage_trains_the_student_then_main_training_runs_as_usua
 
 
 def test_the_summary_takes_best_and_last_from_their_own_epochs():
-    from kdbench.train import _summary
+    from kdbench.train import summary
 
     history = [{"epoch": 1, "test_top1": 50.0, "test_errors": 50}, {"epoch": 2, "test_top1": 70.0, "test_errors": 30},
                {"epoch": 3, "test_top1": 60.0, "test_errors": 40}]
-    assert _summary(history) == {"last_top1": 60.0, "last_errors": 40, "best_top1": 70.0, "best_errors": 30,
+    assert summary(history) == {"last_top1": 60.0, "last_errors": 40, "best_top1": 70.0, "best_errors": 30,
                                   "best_epoch": 2, "epochs_done": 3}
 
 
 def test_the_summary_of_a_tie_is_its_first_best_epoch():
-    from kdbench.train import _summary
+    from kdbench.train import summary
 
     history = [{"epoch": e, "test_top1": t, "test_errors": 100 - t} for e, t in ((1, 60.0), (2, 70.0), (3, 70.0))]
-    assert _summary(history)["best_epoch"] == 2
+    assert summary(history)["best_epoch"] == 2
 
 
 def test_the_record_summarises_its_own_history(tmp_path, probe_calls):
@@ -172,7 +172,7 @@ def test_teachers_share_a_store_entry_exactly_when_seed_recipe_and_architecture_
                 "architecture": ["teacher=mlp_800x2"]}
     keys, shas = {}, {}
     for name, extra in variants.items():
-        planned = plan_job(compose_config([*base, *extra], tmp_path))["teacher"]
+        planned = plan_job(resolve_job([*base, *extra], tmp_path))["teacher"]
         source = run_job(*base, *extra, name=name.replace(" ", "_"))["teacher_source"]
         assert planned["key"] == f"{source['path'].split('/')[-2]}"  # the dry run names the entry the job uses
         keys[name], shas[name] = source["key"], source["sha256"]
