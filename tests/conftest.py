@@ -41,22 +41,43 @@ def compose_config(overrides=(), tmp_path: Path | None = None, return_hydra_conf
     return cfg
 
 
-def resolve_job(overrides=(), tmp_path: Path | None = None):
+def resolve_job(overrides=(), tmp_path: Path | None = None, teacher_store: Path | None = None):
     """The resolved kdbench.job.Job of these overrides (paths redirected into tmp_path), as `kdbench` would run it."""
     from kdbench.job import resolve
 
-    return resolve(compose_config(overrides, tmp_path), tuple(overrides))
+    cfg = compose_config(overrides, tmp_path)
+    if teacher_store is not None:
+        with open_dict(cfg):
+            cfg.paths.teacher_store = str(teacher_store)
+    return resolve(cfg, tuple(overrides))
+
+
+def _job_runner(tmp_path: Path, teacher_store: Path | None = None):
+    from kdbench.job import run
+
+    def _run(*overrides, name="job"):
+        return run(resolve_job(overrides, tmp_path, teacher_store), tmp_path / name)
+
+    return _run
 
 
 @pytest.fixture
 def run_job(tmp_path):
     """run_job(*overrides, name="job") -> the record dict of a real training job in tmp_path/name."""
-    from kdbench.job import run
+    return _job_runner(tmp_path)
 
-    def _run(*overrides, name="job"):
-        return run(resolve_job(overrides, tmp_path), tmp_path / name)
 
-    return _run
+@pytest.fixture(scope="session")
+def shared_teacher_store(tmp_path_factory):
+    """One teacher store for the whole session. The store is keyed by the teacher's config, so jobs whose teachers
+    are configured alike train that teacher once and reuse it."""
+    return tmp_path_factory.mktemp("shared_teachers")
+
+
+@pytest.fixture
+def run_job_shared_teachers(tmp_path, shared_teacher_store):
+    """run_job, with the session's shared teacher store (for tests that need a trained teacher, not a fresh one)."""
+    return _job_runner(tmp_path, shared_teacher_store)
 
 
 # ----------------------------------------------------------------------------- shared builders
@@ -72,14 +93,38 @@ def make_pair(teacher: str | None, student: str, num_classes: int = 10, input_sh
               seed: int = 0, epochs: int = 240, lr: float = 0.05):
     """A PairInfo over freshly built (untrained) models, as the trainer builds it for a method."""
     from kdbench.distill import PairInfo
-    from kdbench.models import create_model, probe_taps
+    from kdbench.models import probe_taps
 
     torch.manual_seed(seed)
-    t = create_model(teacher, num_classes=num_classes, input_shape=input_shape) if teacher else None
-    s = create_model(student, num_classes=num_classes, input_shape=input_shape)
+    t = build_model(teacher, num_classes, input_shape) if teacher else None
+    s = build_model(student, num_classes, input_shape)
     labels = torch.arange(n_train) % num_classes
     return PairInfo(s, t, probe_taps(s, input_shape), probe_taps(t, input_shape) if t is not None else None,
                     student, teacher, num_classes, labels, epochs, lr, tuple(input_shape))
+
+
+def build_model(name: str, num_classes: int, input_shape):
+    """A fresh registered model."""
+    from kdbench.models import create_model
+
+    return create_model(name, num_classes=num_classes, input_shape=input_shape)
+
+
+@pytest.fixture(scope="module")
+def benchmark_pair():
+    """The benchmark pair resnet32x4 -> resnet8x4 at 100 classes and 32x32 inputs (built, untrained; one per module)."""
+    return make_pair("resnet32x4", "resnet8x4", num_classes=100, input_shape=(3, 32, 32), n_train=200)
+
+
+@pytest.fixture(scope="module")
+def random_teacher_checkpoint(tmp_path_factory):
+    """A resnet32x4 teacher checkpoint for the 10-class synthetic data (untrained weights: smoke runs test plumbing)."""
+    from kdbench.models import create_model
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("teacher") / "resnet32x4.pt"
+    torch.save({"model": create_model("resnet32x4", num_classes=10, input_shape=(3, 32, 32)).state_dict()}, path)
+    return path
 
 
 def make_batch(n: int, num_classes: int, input_shape=(3, 16, 16), indices=None, seed: int = 1):
