@@ -24,7 +24,7 @@ from kdbench.report import leaderboard, load_records
 REPO = Path(__file__).resolve().parents[1]
 BANDS = REPO / "results" / "regression" / "bands.csv"
 RECORDS = REPO / "results" / "regression" / "records"
-COMMAND = ["-m", "experiment=regression_digits"]
+COMMAND = ["-m", "experiment=kdbench_digits_regression"]
 FLOOR = 5 * 100 / 360
 
 

@@ -182,6 +182,7 @@ class ProbeNet(TapModel):
 
 
 register_model("probe_net")(ProbeNet)
+kdbench.config.register_configs()  # so that teacher=probe_net / student=probe_net compose
 
 
 @pytest.fixture

@@ -11,7 +11,8 @@ import torch
 import torchvision.transforms.functional as TF
 
 from kdbench.data import DATASETS, Augment, DeviceLoader, Split, StreamLoader, load_splits
-from kdbench.train import epoch_seed, prepare_data
+from kdbench.data import prepare_data
+from kdbench.train import epoch_seed
 from tests.conftest import SHARED_MNIST, compose_config
 
 CPU = torch.device("cpu")
@@ -143,7 +144,7 @@ def test_dataset_config_pins_normalisation_and_augmentation(name):
 
 
 def test_every_dataset_config_is_pinned():
-    from kdbench.cli import CONF_DIR
+    from kdbench.config import CONF_DIR
 
     assert {p.stem for p in (CONF_DIR / "dataset").glob("*.yaml")} == set(EXPECTED_NORMALISATION)
 
@@ -164,7 +165,7 @@ def _fake_cifar100(cfg):
 def test_cifar100_loaders_normalise_with_the_reference_constants_and_augment_only_training(monkeypatch):
     monkeypatch.setitem(DATASETS._items, "cifar100", _fake_cifar100)
     cfg = compose_config(["dataset=cifar100", "trainer.batch_size=16", "trainer.eval_batch_size=10"])
-    data = prepare_data(cfg, CPU)
+    data = prepare_data(cfg.dataset, cfg.trainer, CPU)
     mean, std = (0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)  # methods.md section 1.1
     test = list(data.test_loader.epoch())
     assert torch.equal(torch.cat([b.inputs for b in test]), _normalise(data.test.images, mean, std))
@@ -183,7 +184,7 @@ def test_test_split_is_never_augmented_nor_shuffled_in_any_epoch(data_on_device)
                           "dataset.test_size=20", "trainer.batch_size=16", "trainer.eval_batch_size=7",
                           f"trainer.data_on_device={data_on_device}"])
     assert cfg.dataset.crop_padding == 4 and cfg.dataset.hflip
-    data = prepare_data(cfg, CPU)
+    data = prepare_data(cfg.dataset, cfg.trainer, CPU)
     plain = _normalise(data.test.images, cfg.dataset.mean, cfg.dataset.std)
     for seed in (None, 0, 1, epoch_seed(1, 2), epoch_seed(3, 7)):
         batches = list(data.test_loader.epoch() if seed is None else data.test_loader.epoch(seed))
@@ -201,7 +202,7 @@ def test_test_split_is_never_augmented_nor_shuffled_in_any_epoch(data_on_device)
 
 def test_digits_loaders_serve_normalised_float_images_unaugmented():
     cfg = compose_config(["dataset=digits", "trainer.batch_size=64", "trainer.eval_batch_size=100"])
-    data = prepare_data(cfg, CPU)
+    data = prepare_data(cfg.dataset, cfg.trainer, CPU)
     test = torch.cat([b.inputs for b in data.test_loader.epoch()])
     assert torch.equal(test, (data.test.images - 0.3) / 0.38)
     batch = next(iter(data.train_loader.epoch(epoch_seed(1, 1))))
@@ -310,7 +311,7 @@ def test_mnist_without_3s_keeps_every_test_digit_and_normalises_with_its_statist
     pixels = full_train.images.float() / 255
     assert round(pixels.mean().item(), 4) == 0.1307 and round(pixels.std().item(), 4) == 0.3081
     cfg = compose_config(["dataset=mnist", "dataset.exclude_train_classes=[3]", "trainer.eval_batch_size=2500"])
-    data = prepare_data(cfg, CPU)
+    data = prepare_data(cfg.dataset, cfg.trainer, CPU)
     keep = full_train.labels != 3
     assert len(data.train) == 60000 - 6131 and torch.equal(data.train.labels, full_train.labels[keep])
     assert torch.equal(data.train.images, full_train.images[keep])

@@ -4,53 +4,48 @@ import os
 import subprocess
 import sys
 
-from kdbench.io import config_hash
-from kdbench.plan import format_job, forward_flops, plan_job, sweep_totals, teachers_to_train, train_samples
-from kdbench.teachers import teacher_run_config
-from kdbench.train import semantic_config
-from tests.conftest import compose_config
+from kdbench.data import planned_train_size
+from kdbench.plan import format_job, forward_flops, plan_job, sweep_totals, teachers_to_train
+from tests.conftest import compose_config, resolve_job
 
 KDBENCH = [sys.executable, "-c", "from kdbench.cli import main; main()"]
 
 
-def _store_key(cfg) -> str:
-    return f"{cfg.teacher.label}-{config_hash(semantic_config(teacher_run_config(cfg)))}"
-
-
 def test_forward_flops_match_a_hand_count():
     # FlopCounterMode counts a Linear as its matmul, 2 * in * out per sample (bias adds and ReLUs are not counted).
-    cfg = compose_config(["student=mlp_32", "student.model.hidden=[48,24]"])  # digits: 8x8 inputs, 10 classes
-    assert forward_flops(cfg.student.model, cfg.dataset) == 2 * (64 * 48 + 48 * 24 + 24 * 10)
+    job = resolve_job(["student=mlp_32", "student.model.hidden=[48,24]"])  # digits: 8x8 inputs, 10 classes
+    assert forward_flops(job.student, job.dataset) == 2 * (64 * 48 + 48 * 24 + 24 * 10)
 
 
 def test_cifar100_plan_needs_no_data(tmp_path):
-    cfg = compose_config(["experiment=cifar100_crd", "method=kd", f"paths.data_dir={tmp_path / 'no-data'}"], tmp_path)
-    plan = plan_job(cfg)
-    student, teacher = forward_flops(cfg.student.model, cfg.dataset), forward_flops(cfg.teacher.model, cfg.dataset)
+    job = resolve_job(["dataset=cifar100", "teacher=resnet32x4", "student=resnet8x4", "method=kd",
+                       f"paths.data_dir={tmp_path / 'no-data'}"], tmp_path)
+    plan = plan_job(job)
+    student, teacher = forward_flops(job.student, job.dataset), forward_flops(job.teacher.model, job.dataset)
     assert plan["labels"] == {"dataset": "cifar100", "teacher": "resnet32x4", "student": "resnet8x4", "method": "kd"}
     assert (plan["samples"], plan["epochs"]) == (50_000, 240)
     # augmented inputs: no teacher cache, so the teacher runs forward every epoch
     assert plan["flops"] == 3 * student * 50_000 * 240 + teacher * 50_000 * 240
-    assert plan["teacher"]["source"] == "train" and plan["teacher"]["key"] == _store_key(cfg)
+    assert plan["teacher"]["source"] == "train" and plan["teacher"]["key"] == job.teacher.entry
     (to_train,) = teachers_to_train(plan)
     assert to_train["method"] == "vanilla" and to_train["flops"] == 3 * teacher * 50_000 * 240
     assert list(tmp_path.iterdir()) == []  # neither data nor a teacher store entry was touched
 
 
 def test_cached_teacher_excluded_classes_and_teacher_recipe():
-    cfg = compose_config(["experiment=hinton_mnist_no3", "seed=1"])
-    plan = plan_job(cfg)
-    student, teacher = forward_flops(cfg.student.model, cfg.dataset), forward_flops(cfg.teacher.model, cfg.dataset)
+    job = resolve_job(["experiment=hinton_mnist_no3", "seed=1"])
+    plan = plan_job(job)
+    student, teacher = forward_flops(job.student, job.dataset), forward_flops(job.teacher.model, job.dataset)
     assert plan["samples"] == 54_000 and plan["teacher"]["cached"]  # no 3s: 9/10 of MNIST; no augmentation
     assert plan["flops"] == 3 * student * 54_000 * 40 + teacher * 54_000
     training = plan["teacher"]["training"]  # the teacher's recipe: all 60,000 digits, jittered, 60 epochs
     assert (training["samples"], training["epochs"], training["flops"]) == (60_000, 60, 3 * teacher * 60_000 * 60)
-    assert train_samples(compose_config(["dataset=mnist", "dataset.train_size=1000"]).dataset) == 1000
+    assert planned_train_size(compose_config(["dataset=mnist", "dataset.train_size=1000"]).dataset) == 1000
 
 
 def test_shared_teacher_counted_once(tmp_path):
     jobs = [[f"method={method}", f"seed={seed}"] for method in ("vanilla", "kd") for seed in (1, 2)]
-    plans = [plan_job(compose_config(job, tmp_path)) for job in jobs]
+    plans = [plan_job(resolve_job(job, tmp_path)) for job in jobs]
     totals = sweep_totals(plans)
     (teacher,) = totals["teachers"]
     assert teacher["label"] == "mlp_1200x2" and totals["jobs"] == 4
@@ -58,35 +53,33 @@ def test_shared_teacher_counted_once(tmp_path):
 
 
 def test_stored_teacher_is_detected(tmp_path):
-    cfg = compose_config(["method=kd"], tmp_path)
-    entry = tmp_path / "teachers" / _store_key(cfg)
+    job = resolve_job(["method=kd"], tmp_path)
+    entry = tmp_path / "teachers" / job.teacher.entry
     entry.mkdir(parents=True)
     (entry / "meta.json").write_text("{}")
-    plan = plan_job(cfg)
+    plan = plan_job(job)
     assert plan["teacher"]["source"] == "store" and teachers_to_train(plan) == []
     assert "teacher mlp_1200x2: in store" in format_job(plan, 10.0)
 
 
 def test_takd_chain_trains_deepest_teacher_first(tmp_path):
-    cfg = compose_config(["experiment=takd_plain_cnn_c100"], tmp_path)
-    plan = plan_job(cfg)
+    job = resolve_job(["experiment=takd_cifar100", "pair=plain_cnn_10_c100-plain_cnn_4_c100-plain_cnn_2_c100",
+                       "method=kd"], tmp_path)
+    plan = plan_job(job)
     assert [(t["label"], t["method"]) for t in teachers_to_train(plan)] == [
         ("plain_cnn_10_c100", "vanilla"), ("plain_cnn_4_c100_ta", "kd")]
-    big = tmp_path / "teachers" / _store_key(teacher_run_config(cfg))
+    big = tmp_path / "teachers" / job.teacher.job.teacher.entry
     big.mkdir(parents=True)
     (big / "meta.json").write_text("{}")
-    plan = plan_job(cfg)
+    plan = plan_job(job)
     assert [t["label"] for t in teachers_to_train(plan)] == ["plain_cnn_4_c100_ta"]
-    assert "plain_cnn_10_c100 (in store) -> plain_cnn_4_c100_ta (kd, 30 ep)" in format_job(plan, 10.0)
+    assert "plain_cnn_10_c100 (in store) -> plain_cnn_4_c100_ta (kd, 160 ep)" in format_job(plan, 10.0)
 
 
 def test_dry_run_settings_do_not_change_store_keys():
-    """A dry run must find the entries real runs store, and adding the settings must not orphan existing ones."""
-    dry, real = compose_config(["method=kd", "dry_run=true", "dry_run_tflops=5"]), compose_config(["method=kd"])
-    without_settings = semantic_config(teacher_run_config(real))
-    without_settings.pop("dry_run", None)
-    without_settings.pop("dry_run_tflops", None)
-    assert _store_key(dry) == _store_key(real) == f"mlp_1200x2-{config_hash(without_settings)}"
+    """A dry run must find the entries real runs store."""
+    dry, real = resolve_job(["method=kd", "dry_run=true", "dry_run_tflops=5"]), resolve_job(["method=kd"])
+    assert dry.teacher.entry == real.teacher.entry and dry.key == real.key
 
 
 def test_cli_dry_run_lists_jobs_and_totals_and_writes_no_records(tmp_path):

@@ -2,7 +2,7 @@
 cell without a job, and results/paper/*.csv is exactly what scripts/import_paper_numbers.py makes.
 
 A job's cell is labels_of(its composed config), the key the leaderboard joins paper rows on; teacher rows come from
-the teacher store, whose records are labels_of(teacher_run_config(job)). Composition is the slow part (~0.1 s), so
+the teacher store, whose records are the labels of the jobs that train them (Job.teacher.job). Composition is the slow part (~0.1 s), so
 configs are cached, seeds are left out (they change no label), and the large pair x method sweeps are composed once
 per pair and once per method, then combined (two whole jobs per sweep check the combination).
 """
@@ -20,12 +20,10 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 
 from kdbench.config import CONF_DIR
 from kdbench.distill import method_class
-from kdbench.io import config_hash
-from kdbench.teachers import teacher_run_config
-from kdbench.train import labels_of, semantic_config
+from kdbench.job import labels_of, resolve
+from kdbench.report import PAPER_DIR
 from tests.conftest import REPO, compose_config
 
-PAPER_DIR = REPO / "results" / "paper"
 SRC = REPO.parent / "shared" / "reference" / "paper_numbers.csv"
 EXPERIMENTS = sorted(p.stem for p in (Path(CONF_DIR) / "experiment").glob("*.yaml"))
 # Each paper file -> the experiments that together run its tables.
@@ -56,6 +54,16 @@ def compose(*overrides: str):
 
 
 @lru_cache(maxsize=None)
+def _job(overrides: tuple[str, ...]):
+    return resolve(_compose(overrides), overrides)
+
+
+def job_of(*overrides: str):
+    """The resolved job (with its teacher chain) of these overrides, cached like compose()."""
+    return _job(tuple(sorted(overrides)))
+
+
+@lru_cache(maxsize=None)
 def sweep_axes(experiment: str) -> dict[str, list[str]]:
     """hydra.sweeper.params (the primary's merged with the experiment's) as key -> values, as the sweeper parses it."""
     params = compose_config([f"experiment={experiment}"], return_hydra_config=True).hydra.sweeper.params
@@ -76,11 +84,11 @@ def cell(labels: dict) -> tuple:
     return labels["dataset"], labels["teacher"] or "", labels["student"], labels["method"]
 
 
-def stored_teachers(cfg):
-    """(teacher run config, its store key) for every teacher the job trains into the store, TA chains included."""
-    while needs_teacher(cfg) and not cfg.teacher.checkpoint:
-        cfg = teacher_run_config(cfg)
-        yield cfg, config_hash(semantic_config(cfg))
+def stored_teachers(job):
+    """(the job that trains it, its store entry) for every teacher the job trains into the store, TA chains included."""
+    while job.teacher is not None and job.teacher.job is not None:
+        yield job.teacher.job, job.teacher.entry
+        job = job.teacher.job
 
 
 def is_large(experiment: str) -> bool:
@@ -100,22 +108,22 @@ def shortcut_cell(experiment: str, pair: str, method: str) -> tuple:
 
 @lru_cache(maxsize=None)
 def jobs(experiment: str) -> tuple[list, frozenset]:
-    """(composed configs that hold every job's stored teachers, the cells of all jobs); seeds change neither."""
+    """(resolved jobs that hold every job's stored teachers, the cells of all jobs); seeds change neither."""
     axes = {k: v for k, v in sweep_axes(experiment).items() if k != "seed"}
     base = f"experiment={experiment}"
     if not is_large(experiment):
-        configs = [compose(base, *(f"{k}={v}" for k, v in zip(axes, combo))) for combo in itertools.product(*axes.values())]
-        return configs, frozenset(cell(labels_of(cfg)) for cfg in configs)
+        resolved = [job_of(base, *(f"{k}={v}" for k, v in zip(axes, combo))) for combo in itertools.product(*axes.values())]
+        return resolved, frozenset(cell(job.labels) for job in resolved)
     cells = frozenset(shortcut_cell(experiment, p, m) for p, m in itertools.product(axes["pair"], axes["method"]))
     teaching = next(m for m in axes["method"] if needs_teacher(compose(f"method={m}")))
-    return [compose(base, f"pair={p}", f"method={teaching}") for p in axes["pair"]], cells
+    return [job_of(base, f"pair={p}", f"method={teaching}") for p in axes["pair"]], cells
 
 
 @lru_cache(maxsize=None)
 def cells_of(experiment: str) -> frozenset:
     """Every cell recorded by the experiment's jobs and by the teachers they train into the store."""
-    configs, cells = jobs(experiment)
-    return cells | {cell(labels_of(tcfg)) for cfg in configs for tcfg, _ in stored_teachers(cfg)}
+    resolved, cells = jobs(experiment)
+    return cells | {cell(tjob.labels) for job in resolved for tjob, _ in stored_teachers(job)}
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
@@ -176,30 +184,30 @@ def test_paper_rows_name_the_experiments_that_run_their_recipe(paper):
 def test_each_teacher_is_trained_once_per_experiment(experiment):
     """One store key per teacher label: e.g. a mobile student's lr 0.01 must not leak into its teacher's recipe."""
     keys = {}
-    for cfg in jobs(experiment)[0]:
-        for tcfg, key in stored_teachers(cfg):
-            keys.setdefault(tcfg.student.label, set()).add(key)
+    for job in jobs(experiment)[0]:
+        for tjob, key in stored_teachers(job):
+            keys.setdefault(tjob.student.label, set()).add(key)
     assert {t: k for t, k in keys.items() if len(k) > 1} == {}
 
 
 def test_cifar100_benchmark_experiments_share_their_teachers():
     keys = {}
     for experiment in CIFAR100_BENCHMARK:
-        for cfg in jobs(experiment)[0]:
-            for tcfg, key in stored_teachers(cfg):
-                keys.setdefault(tcfg.student.label, set()).add(key)
+        for job in jobs(experiment)[0]:
+            for tjob, key in stored_teachers(job):
+                keys.setdefault(tjob.student.label, set()).add(key)
     assert {"resnet32x4", "vgg13", "wrn_40_2", "ResNet50"} <= keys.keys()
     assert {t: k for t, k in keys.items() if len(k) > 1} == {}
 
 
 def test_pair_sets_mobile_lr_and_dkd_beta():
-    cfg = compose("experiment=dkd_cifar100_cross", "pair=vgg13-MobileNetV2", "method=kd")
-    assert cfg.optim.lr == 0.01 and teacher_run_config(cfg).optim.lr == 0.05
+    job = job_of("experiment=dkd_cifar100_cross", "pair=vgg13-MobileNetV2", "method=kd")
+    assert job.optim.lr == 0.01 and job.teacher.job.optim.lr == 0.05
     cfg = compose("experiment=dkd_cifar100_same", "pair=vgg13-vgg8", "method=dkd_per_pair")
     assert cfg.method.weights.nckd == 6.0 and labels_of(cfg)["method"] == "dkd"
-    cfg = compose("experiment=dot_cifar100", "pair=resnet32x4-ShuffleV2", "method=kd", "optim=dot")
-    assert (cfg.optim.name, cfg.optim.lr, labels_of(cfg)["method"]) == ("dot", 0.01, "kd+dot")
-    assert teacher_run_config(cfg).optim.name == "sgd"
+    job = job_of("experiment=dot_cifar100", "pair=resnet32x4-ShuffleV2", "method=kd", "optim=dot")
+    assert (job.optim.name, job.optim.lr, job.labels["method"]) == ("dot", 0.01, "kd+dot")
+    assert job.teacher.job.optim.name == "sgd"
 
 
 @pytest.mark.skipif(not SRC.exists(), reason=f"reference table {SRC} not available")
@@ -216,7 +224,7 @@ def test_import_script_is_deterministic_and_matches_results(tmp_path):
 def test_hinton_no3_and_only78_reuse_the_hinton_teachers():
     """The no-3s and 7s-and-8s students learn from the teachers hinton_mnist stored (trained on all ten digits)."""
     for seed in ("1", "2"):
-        keys = [config_hash(semantic_config(teacher_run_config(compose(f"experiment={e}", "method=kd", f"seed={seed}"))))
+        keys = [job_of(f"experiment={e}", "method=kd", f"seed={seed}").teacher.entry
                 for e in ("hinton_mnist", "hinton_mnist_no3", "hinton_mnist_only78")]
         assert keys[0] == keys[1] == keys[2]
-    assert keys[0] != config_hash(semantic_config(teacher_run_config(compose("experiment=hinton_mnist", "method=kd", "seed=1"))))
+    assert keys[0] != job_of("experiment=hinton_mnist", "method=kd", "seed=1").teacher.entry

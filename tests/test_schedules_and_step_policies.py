@@ -9,11 +9,9 @@ import math
 import pytest
 import torch
 
-import kdbench.train as train
 from kdbench.distill import Method
 from kdbench.errors import KDBenchError
-from kdbench.optim import DOT, build_optimizer
-from kdbench.train import lr_at
+from kdbench.optim import DOT, StepPolicy, build_optimizer, lr_at
 from tests.conftest import compose_config
 
 DIGITS_STEPS_PER_EPOCH = math.ceil(1437 / 64)  # digits' training split at the default batch size
@@ -71,22 +69,23 @@ def test_constant_schedule_keeps_the_base_lr_and_an_unknown_schedule_is_an_error
 
 
 def _spy_steps(monkeypatch, check=None):
-    """Wrap kdbench.train.backward_step: record (lr in the optimizer, lr the update actually used) per step."""
+    """Wrap kdbench.optim.StepPolicy.step: record (lr in the optimizer, lr the update actually used) per step."""
     steps = []
-    real = train.backward_step
+    real = StepPolicy.step
 
-    def spy(optimizer, total, task):
+    def spy(policy, total, task=None):
+        optimizer = policy.optimizer
         params = [p for g in optimizer.param_groups for p in g["params"]]
         if check is not None:
             check(params, len(steps))
         before = [p.detach().clone() for p in params]
-        real(optimizer, total, task)
+        real(policy, total, task)
         # with momentum 0 and weight decay 0 an SGD step is p -= lr * grad: recover lr from the update
         num = sum(((b - p.detach()) * p.grad).sum() for b, p in zip(before, params) if p.grad is not None)
         den = sum((p.grad ** 2).sum() for p in params if p.grad is not None)
         steps.append((optimizer.param_groups[0]["lr"], (num / den).item()))
 
-    monkeypatch.setattr(train, "backward_step", spy)
+    monkeypatch.setattr(StepPolicy, "step", spy)
     return steps
 
 

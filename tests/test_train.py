@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from kdbench.errors import CorruptCheckpoint, IncompatibleModels, NonFiniteLoss, OutputNotWritable
-from kdbench.train import lr_at
-from tests.conftest import TINY_SYNTHETIC, compose_config
+from kdbench.optim import lr_at
+from tests.conftest import TINY_SYNTHETIC, compose_config, resolve_job
 
 DIGITS_FAST = ["trainer.epochs=3", "trainer.progress=false", "teacher=mlp_32"]
 
@@ -35,11 +35,11 @@ def test_interrupted_run_resumes_to_the_same_final_metrics(run_job, monkeypatch,
     reference = run_job(*DIGITS_FAST, "method=kd", name="straight")
     real_evaluate, calls = train.evaluate, {"n": 0}
 
-    def interrupt_in_epoch_2(model, loader, precision="fp32"):
+    def interrupt_in_epoch_2(model, loader, precision="fp32", logits_of=None):
         calls["n"] += 1
-        if calls["n"] == 3:  # teacher eval, epoch 1, then Ctrl-C during epoch 2's evaluation
+        if calls["n"] == 2:  # epoch 1, then Ctrl-C during epoch 2's evaluation
             raise KeyboardInterrupt
-        return real_evaluate(model, loader, precision)
+        return real_evaluate(model, loader, precision, logits_of)
 
     monkeypatch.setattr(train, "evaluate", interrupt_in_epoch_2)
     with pytest.raises(KeyboardInterrupt):
@@ -91,12 +91,12 @@ def test_nan_loss_fails_clearly_and_keeps_the_record(run_job, tmp_path):
 
 
 def test_unwritable_output_dir(tmp_path):
-    from kdbench.train import run
+    from kdbench.job import run
 
     blocker = tmp_path / "file"
     blocker.write_text("x")
     with pytest.raises(OutputNotWritable, match="paths.root"):
-        run(compose_config(DIGITS_FAST, tmp_path), blocker / "job")
+        run(resolve_job(DIGITS_FAST, tmp_path), blocker / "job")
 
 
 def test_missing_tap_is_reported_before_training(run_job):
@@ -120,9 +120,8 @@ def test_bf16_autocast_runs(run_job):
     assert rec["status"] == "completed" and rec["config"]["trainer"]["precision"] == "bf16"
 
 
-def test_cifar100_experiment_recipe():
-    cfg = compose_config(["experiment=cifar100_crd"])
-    assert (cfg.dataset.name, cfg.teacher.label, cfg.student.label) == ("cifar100", "resnet32x4", "resnet8x4")
+def test_cifar100_recipe_is_the_datasets_standard_one():
+    cfg = compose_config(["dataset=cifar100"])
     assert (cfg.trainer.epochs, cfg.trainer.batch_size, cfg.optim.lr, list(cfg.schedule.milestones)) == (240, 64, 0.05, [150, 180, 210])
     assert list(cfg.dataset.mean) == [0.5071, 0.4867, 0.4408] and cfg.dataset.crop_padding == 4 and cfg.dataset.hflip
 
@@ -138,9 +137,7 @@ def test_teacher_cache_gives_the_same_training_as_recomputing(run_job):
 
 
 def test_teacher_recipe_overrides_only_the_named_leaves():
-    from kdbench.teachers import teacher_run_config
-
-    cfg = compose_config(["+teacher.recipe.optim.lr=0.01", "+teacher.recipe.trainer.epochs=7"])
-    tcfg = teacher_run_config(cfg)
-    assert (tcfg.optim.lr, tcfg.optim.momentum, tcfg.trainer.epochs) == (0.01, cfg.optim.momentum, 7)
-    assert tcfg.method.name == "vanilla" and tcfg.student.label == cfg.teacher.label
+    job = resolve_job(["+teacher.recipe.optim.lr=0.01", "+teacher.recipe.trainer.epochs=7"])
+    tjob = job.teacher.job
+    assert (tjob.optim.lr, tjob.optim.momentum, tjob.trainer.epochs) == (0.01, job.optim.momentum, 7)
+    assert tjob.method.name == "vanilla" and tjob.student.label == job.teacher.model.label

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from kdbench.blocks import ConvReg, attention_map, conv_reg_layer, feature_map_shapes, match_spatial
+from kdbench.methods.common import ConvReg, attention_map, conv_reg_layer, feature_map_shapes, match_spatial
 from kdbench.errors import IncompatibleModels
 from kdbench.models import count_parameters
 from tests.conftest import make_pair

@@ -8,8 +8,9 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
+from kdbench.config import CONF_DIR
 from kdbench.distill import create_method
-from tests.conftest import REPO, make_pair
+from tests.conftest import make_batch, REPO, make_pair
 from tests.helpers import close, method_options, rand64
 
 
@@ -100,5 +101,10 @@ def test_crd_k_is_clamped_to_the_dataset_and_crd_kd_adds_the_kd_term():
     crd = create_method(method_options("crd"), pair)
     assert crd.nce_k == 40 and crd.bank_s.shape == (40, 128)
     crd_kd = create_method(method_options("crd_kd"), pair)
-    assert crd_kd.with_kd and not crd.with_kd
-    assert OmegaConf.load(REPO / "conf" / "method" / "crd_kd.yaml").label == "crd_kd"
+    assert "kd" in crd_kd.weights and "kd" not in crd.weights
+    batch = make_batch(4, 10)
+    s_out = pair.student.forward_taps(batch.inputs, crd.student_taps)
+    t_out = pair.teacher.forward_taps(batch.inputs, crd.teacher_taps)
+    assert set(crd_kd.all_terms(batch, s_out, t_out)) == {"ce", "crd", "kd"}
+    assert set(crd.all_terms(batch, s_out, t_out)) == {"ce", "crd"}
+    assert OmegaConf.load(CONF_DIR / "method" / "crd_kd.yaml").label == "crd_kd"

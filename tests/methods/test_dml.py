@@ -76,7 +76,7 @@ def test_dml_method_builds_trainable_peers_with_gradient_only_through_own_terms(
     batch.targets = batch.indices * 3 % 10  # targets 0, 3, 6, 9
     m.train()
     s_out = pair.student.forward_taps(batch.inputs, m.student_taps)
-    terms = m.terms(batch, s_out, None)
+    terms = m.all_terms(batch, s_out, None)
     assert set(terms) == {"ce", "mimic", "peer_ce", "peer_mimic"} and all(torch.isfinite(v) for v in terms.values())
     # the student's terms reach only the student; the peer terms only the peer
     (terms["ce"] + terms["mimic"]).backward(retain_graph=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kdbench.blocks import ConvReg
+from kdbench.methods.common import ConvReg
 from kdbench.distill import create_method
 from kdbench.errors import IncompatibleModels
 from kdbench.methods.fitnet import hint_loss

@@ -10,7 +10,7 @@ import torch
 from omegaconf import open_dict
 
 from kdbench.methods.kd import kd_loss
-from tests.conftest import TINY_SYNTHETIC, compose_config
+from tests.conftest import resolve_job, TINY_SYNTHETIC, compose_config
 
 
 def _kd_by_hand(zs, zt, T):
@@ -58,51 +58,39 @@ def test_kd_job_trains_resnet8x4_from_a_stored_resnet32x4_teacher_on_synthetic_d
 TAKD_CHAIN = ["teacher=mlp_800x2", "+teacher@teacher.distill.from=mlp_1200x2", "+method@teacher.distill.method=kd"]
 
 
-def _store_key(cfg):
-    from kdbench.io import config_hash
-    from kdbench.teachers import teacher_run_config
-    from kdbench.train import semantic_config
-
-    return config_hash(semantic_config(teacher_run_config(cfg)))
-
-
 def test_takd_assistant_job_is_a_kd_run_and_its_store_key_covers_method_and_big_teacher():
-    from kdbench.teachers import teacher_run_config
-
-    cfg = compose_config([*TAKD_CHAIN, "student=mlp_32"])
-    ta_job = teacher_run_config(cfg)
-    assert ta_job.student.label == "mlp_800x2" and ta_job.teacher.label == "mlp_1200x2"
-    assert ta_job.method.name == "kd" and "distill" not in ta_job.teacher
-    big_job = teacher_run_config(ta_job)
-    assert big_job.method.name == "vanilla" and big_job.student.label == "mlp_1200x2"
+    job = resolve_job([*TAKD_CHAIN, "student=mlp_32"])
+    ta = job.teacher.job
+    assert ta.student.label == "mlp_800x2" and ta.labels["teacher"] == "mlp_1200x2"
+    assert ta.method.name == "kd" and ta.config["teacher"]["distill"] is None
+    big = ta.teacher.job
+    assert big.method.name == "vanilla" and big.student.label == "mlp_1200x2"
     # the big teacher is the same store entry a plain `teacher=mlp_1200x2` run uses
-    assert _store_key(ta_job) == _store_key(compose_config(["teacher=mlp_1200x2", "student=mlp_32"]))
+    assert ta.teacher.entry == resolve_job(["teacher=mlp_1200x2", "student=mlp_32"]).teacher.entry
     # the TA's key covers the distillation method and the big teacher
-    other_method = compose_config([*TAKD_CHAIN[:2], "+method@teacher.distill.method=logit_l2"])
-    other_teacher = compose_config([TAKD_CHAIN[0], "+teacher@teacher.distill.from=mlp_800x2", TAKD_CHAIN[2]])
-    keys = {_store_key(cfg), _store_key(other_method), _store_key(other_teacher),
-            _store_key(compose_config(["teacher=mlp_800x2"]))}
+    other_method = resolve_job([*TAKD_CHAIN[:2], "+method@teacher.distill.method=logit_l2"])
+    other_teacher = resolve_job([TAKD_CHAIN[0], "+teacher@teacher.distill.from=mlp_800x2", TAKD_CHAIN[2]])
+    keys = {job.teacher.entry, other_method.teacher.entry, other_teacher.teacher.entry,
+            resolve_job(["teacher=mlp_800x2"]).teacher.entry}
     assert len(keys) == 4
     # a TA's recipe overrides apply to the TA's job, not to how the big teacher is trained
-    with open_dict(cfg):
-        cfg.teacher.recipe = {"optim.lr": 0.5}
-    ta_job = teacher_run_config(cfg)
-    assert ta_job.optim.lr == 0.5 and teacher_run_config(ta_job).optim.lr == cfg.optim.lr
+    changed = resolve_job([*TAKD_CHAIN, "+teacher.recipe.optim.lr=0.5"]).teacher.job
+    assert changed.optim.lr == 0.5 and changed.teacher.job.optim.lr == job.optim.lr
 
 
 def test_takd_experiment_composes():
-    cfg = compose_config(["experiment=takd_plain_cnn_c100"])
+    cfg = compose_config(["experiment=takd_cifar100", "pair=plain_cnn_10_c100-plain_cnn_4_c100-plain_cnn_2_c100"])
     assert cfg.teacher.model.name == "plain_cnn_4_c100" and cfg.teacher.distill["from"].model.name == "plain_cnn_10_c100"
     assert cfg.teacher.distill.method.name == "kd" and cfg.student.model.name == "plain_cnn_2_c100"
     assert cfg.dataset.name == "cifar100" and cfg.method.name == "kd"
 
 
 def test_takd_chain_on_digits_stores_both_teachers_and_reuses_them(tmp_path):
-    from kdbench.train import run
+    from kdbench.job import run
 
-    overrides = [*TAKD_CHAIN, "student=mlp_32", "method=kd", "trainer.epochs=1", "trainer.progress=false"]
-    cfg = compose_config(overrides, tmp_path)
-    record = run(cfg, tmp_path / "job", tuple(overrides))
+    overrides = [*TAKD_CHAIN, "student=mlp_32", "method=kd", "trainer.epochs=1", "trainer.progress=false",
+                 "++teacher.recipe.trainer.epochs=1", "++teacher.distill.from.recipe.trainer.epochs=1"]
+    record = run(resolve_job(overrides, tmp_path), tmp_path / "job")
     assert record["status"] == "completed" and record["teacher"] == "mlp_800x2"
     source = record["teacher_source"]
     assert source["distilled_from"] == "mlp_1200x2" and source["distill_method"] == "kd"
@@ -115,5 +103,5 @@ def test_takd_chain_on_digits_stores_both_teachers_and_reuses_them(tmp_path):
     ta_record = json.loads((store / f"mlp_800x2-{source['key']}" / "train" / "metrics.json").read_text())
     assert ta_record["teacher_source"]["kind"] == "store" and ta_record["method"] == "kd"
     # a second job with the same chain reuses both stored teachers
-    again = run(compose_config(overrides, tmp_path), tmp_path / "job2", tuple(overrides))
+    again = run(resolve_job(overrides, tmp_path), tmp_path / "job2")
     assert again["teacher_source"]["key"] == source["key"] and len(list(store.iterdir())) == 2

@@ -56,7 +56,7 @@ def test_tf_kd_trains_the_student_without_a_teacher_and_tf_kd_self_sends_no_grad
     reg = create_method(method_options("tf_kd"), pair)
     assert method_class("tf_kd").needs_teacher is False and count_parameters(reg) == 0
     s_out = pair.student.forward_taps(batch.inputs, reg.student_taps)
-    terms = reg.terms(batch, s_out, None)
+    terms = reg.all_terms(batch, s_out, None)
     assert set(terms) == {"ce", "tf_kd"} and all(torch.isfinite(v) for v in terms.values())
     terms["tf_kd"].backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in pair.student.parameters())
@@ -67,7 +67,7 @@ def test_tf_kd_trains_the_student_without_a_teacher_and_tf_kd_self_sends_no_grad
     pair.teacher.zero_grad(set_to_none=True)
     t_out = pair.teacher.forward_taps(batch.inputs, self_kd.teacher_taps)  # with grad, to catch any leak
     s_out = pair.student.forward_taps(batch.inputs, self_kd.student_taps)
-    terms = self_kd.terms(batch, s_out, t_out)
+    terms = self_kd.all_terms(batch, s_out, t_out)
     assert set(terms) == {"ce", "kd"}
     terms["kd"].backward()
     assert all(p.grad is None for p in pair.teacher.parameters())
