@@ -19,7 +19,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from kdbench.config import CONF_DIR, register_configs
+from kdbench.config import CONF_DIR, check_experiment_names, register_configs
 from kdbench.errors import KDBenchError
 
 log = logging.getLogger("kdbench")
@@ -97,6 +97,11 @@ def main() -> None:
         from kdbench.report import main as report_main
 
         sys.exit(report_main(sys.argv[2:]))
+    try:
+        check_experiment_names(sys.argv[1:])
+    except KDBenchError as err:
+        print(f"kdbench: {err}", file=sys.stderr)
+        sys.exit(2)
     _job()
     if _sweep_failures:
         print(f"kdbench: {len(_sweep_failures)} job(s) did not complete; see their metrics.json "

@@ -130,6 +130,37 @@ def semantic_overrides(overrides: Sequence[str]) -> list[str]:
     return [o for o in overrides if not o.startswith("(") and is_semantic(override_key(o))]
 
 
+# ----------------------------------------------------------------------------- experiment names
+
+# Experiments are named <paper>_<dataset>[_<variant>]. Renamed ones (records keep the name they ran under, and are read
+# as the new one) and removed ones, with what replaces them; `kdbench experiment=<old>` names the replacement.
+RENAMED_EXPERIMENTS = {"regression_digits": "kdbench_digits_regression"}
+REMOVED_EXPERIMENTS = {
+    "cifar100_crd": "dataset=cifar100 teacher=resnet32x4 student=resnet8x4 (dataset=cifar100 selects the CIFAR-100 "
+                    "recipe, conf/recipe/cifar100.yaml)",
+    "takd_plain_cnn_c100": "experiment=takd_cifar100 pair=plain_cnn_10_c100-plain_cnn_4_c100-plain_cnn_2_c100",
+}
+
+
+def current_experiment(name: str) -> str:
+    return RENAMED_EXPERIMENTS.get(name, name)
+
+
+def check_experiment_names(overrides: Sequence[str]) -> None:
+    """One clear error for an experiment that was renamed or removed, naming what to use instead."""
+    from kdbench.errors import KDBenchError
+
+    for override in overrides:
+        if override_key(override) != "experiment":
+            continue
+        for name in override.split("=", 1)[1].split(","):
+            if name in RENAMED_EXPERIMENTS:
+                raise KDBenchError(f"experiment '{name}' is now called '{RENAMED_EXPERIMENTS[name]}'; use "
+                                   f"experiment={RENAMED_EXPERIMENTS[name]}")
+            if name in REMOVED_EXPERIMENTS:
+                raise KDBenchError(f"experiment '{name}' was removed; use {REMOVED_EXPERIMENTS[name]}")
+
+
 # ----------------------------------------------------------------------------- registration and composition
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import pandas as pd
 from omegaconf import OmegaConf
 
-from kdbench.config import CONF_DIR
+from kdbench.config import CONF_DIR, current_experiment
 from kdbench.record import RECORD_FILE
 from kdbench.report import (PAPER_DIR, build_report, display_table, find_records, leaderboard, load_paper, load_records,
                             paper_tables, to_markdown, variant)
@@ -69,7 +69,8 @@ def _commands(records: list[dict]) -> list[str]:
 
 
 def _experiments(records: list[dict]) -> set[str]:
-    return {o.split("=", 1)[1] for rec in records for o in rec.get("overrides") or [] if o.startswith("experiment=")}
+    return {current_experiment(o.split("=", 1)[1]) for rec in records for o in rec.get("overrides") or []
+            if o.startswith("experiment=")}
 
 
 def _provenance(records: list[dict]) -> list[str]:

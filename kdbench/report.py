@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from kdbench.config import override_key, semantic_overrides
+from kdbench.config import current_experiment, override_key, semantic_overrides
 from kdbench.io import write_json
 from kdbench.record import RECORD_FILE
 
@@ -96,7 +96,7 @@ def load_paper(paper_dir: Path = PAPER_DIR) -> pd.DataFrame:
 
 def experiment_of(setting: str) -> str:
     """The experiment a leaderboard row's runs were launched with ("" for runs composed without one)."""
-    return next((o.split("=", 1)[1] for o in str(setting).split() if o.startswith("experiment=")), "")
+    return next((current_experiment(o.split("=", 1)[1]) for o in str(setting).split() if o.startswith("experiment=")), "")
 
 
 def same_recipe(setting: str, experiments: str) -> bool:

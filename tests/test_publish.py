@@ -40,7 +40,7 @@ def test_collect_and_publish(tmp_path):
     assert (results / "hinton_mnist" / "leaderboard.csv").exists()
     # experiments with no records are listed as configured-but-not-run; hinton_mnist ran, so it is not
     pending = text.split("## Configured, not yet run here")[1]
-    assert "`cifar100_crd`" in pending and "`hinton_mnist`" not in pending
+    assert "`crd_cifar100_same`" in pending and "`hinton_mnist`" not in pending
 
 
 @pytest.mark.parametrize("before", [True, False])
