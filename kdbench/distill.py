@@ -30,35 +30,40 @@ from dataclasses import dataclass
 from importlib.metadata import entry_points
 from typing import Callable, Optional
 
+from collections.abc import Mapping, Sequence
+
 import torch
-import torch.nn.functional as F
-from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from kdbench.data.loader import Batch
 from kdbench.errors import IncompatibleModels, KDBenchError
+from kdbench.losses import cross_entropy, kd_loss
 from kdbench.models.base import TapModel
 from kdbench.registry import Registry
 
 Outputs = dict[str, torch.Tensor]
 
 
+def _plain(value):
+    if isinstance(value, Mapping):
+        return Options(value)
+    if isinstance(value, (list, tuple)) or (isinstance(value, Sequence) and not isinstance(value, str)):
+        return [_plain(v) for v in value]
+    return value
+
+
 class Options(dict):
     """A method's config as plain data (name, label, weights and its own options), read as a dict or by attribute
-    (cfg.temperature); nested mappings are Options too."""
+    (cfg.temperature); nested mappings become Options and sequences lists (a composed DictConfig converts too)."""
 
     def __init__(self, data=()):
-        super().__init__({k: Options(v) if isinstance(v, dict) else v for k, v in dict(data).items()})
+        super().__init__({str(k): _plain(v) for k, v in dict(data).items()})
 
     def __getattr__(self, key):
         try:
             return self[key]
         except KeyError:
             raise AttributeError(f"option '{key}' is not set") from None
-
-    @classmethod
-    def of(cls, cfg) -> "Options":
-        return cls(OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg)
 
 
 @dataclass
@@ -146,8 +151,6 @@ class Method(nn.Module):
         out = {"ce": cross_entropy(student, batch)} if "ce" in self.weights else {}
         out.update(self.terms(batch, student, teacher))
         if "kd" in self.weights and "kd" not in out:
-            from kdbench.methods.kd import kd_loss
-
             out["kd"] = kd_loss(student["logits"], teacher["logits"], self.kd_temperature)
         return out
 
@@ -202,10 +205,6 @@ class Method(nn.Module):
         return student(inputs)
 
 
-def cross_entropy(student: Outputs, batch: Batch) -> torch.Tensor:
-    return F.cross_entropy(student["logits"], batch.targets)
-
-
 METHODS: Registry[type[Method]] = Registry("method")
 register_method = METHODS.register
 _loaded = False
@@ -237,7 +236,7 @@ def method_class(name: str) -> type[Method]:
 
 def create_method(cfg, pair: PairInfo) -> Method:
     """Build a method from its config (an Options, a dict or a composed DictConfig) for a pair."""
-    cfg = Options.of(cfg)
+    cfg = Options(cfg)
     method = method_class(cfg.name)(cfg, pair)
     for side, taps, model in (("student", method.student_taps, pair.student), ("teacher", method.teacher_taps, pair.teacher)):
         missing = [t for t in taps if model is None or t not in model.tap_names]

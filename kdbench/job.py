@@ -117,6 +117,10 @@ def _typed(schema, node: DictConfig, group: str):
     return schema(**data)
 
 
+def _options(node: DictConfig) -> Options:
+    return Options(OmegaConf.to_container(node, resolve=True))
+
+
 def labels_of(cfg: DictConfig) -> dict:
     needs_teacher = method_class(cfg.method.name).needs_teacher
     return {"dataset": dataset_label(cfg.dataset), "teacher": cfg.teacher.label if needs_teacher else None,
@@ -144,8 +148,8 @@ def resolve(cfg: DictConfig, overrides: Sequence[str] = (), recipe_overrides: Op
                seed=int(cfg.seed), dataset=_typed(DatasetConfig, cfg.dataset, "dataset"),
                optim=_typed(OptimConfig, cfg.optim, "optim"), schedule=_typed(ScheduleConfig, cfg.schedule, "schedule"),
                trainer=_typed(TrainerConfig, cfg.trainer, "trainer"), student=ModelSpec.of(cfg.student),
-               method=Options.of(cfg.method), teacher=teacher, teacher_store=Path(str(cfg.paths.teacher_store)),
-               logger=Options.of(cfg.logger) if cfg.get("logger") else Options({"name": "none"}),
+               method=_options(cfg.method), teacher=teacher, teacher_store=Path(str(cfg.paths.teacher_store)),
+               logger=_options(cfg.logger) if cfg.get("logger") else Options({"name": "none"}),
                recipe_overrides=recipe_overrides)
 
 
@@ -343,7 +347,8 @@ def obtain_teacher(spec: TeacherSpec, store_root: Path, data: Data, device: torc
 def describe_training(spec: TeacherSpec) -> str:
     """'vanilla, 30 epochs, batch 64, sgd lr 0.05, cosine, seed 0' (+ ', teacher.recipe: ...', + ' from X')."""
     job = spec.job
-    text = (f"{job.labels['method']}, {job.trainer.epochs} epochs, batch {job.trainer.batch_size}, {job.optim.name} "
+    epochs = job.trainer.epochs
+    text = (f"{job.labels['method']}, {epochs} epoch{'s' if epochs != 1 else ''}, batch {job.trainer.batch_size}, {job.optim.name} "
             f"lr {job.optim.lr:g}, {job.schedule.name}, seed {job.seed}")
     if job.labels["teacher"] is not None:
         text += f", from {job.labels['teacher']}"
@@ -367,7 +372,7 @@ def load_finished(run_dir: Path, device: str | torch.device = "cpu") -> tuple[Ta
               ("dataset", "teacher", "student", "method")}, key=rec.get("config_hash", ""), seed=int(rec["seed"]),
               dataset=DatasetConfig(**rec["config"]["dataset"]), optim=OptimConfig(**rec["config"]["optim"]),
               schedule=ScheduleConfig(**rec["config"]["schedule"]), trainer=TrainerConfig(**rec["config"]["trainer"]),
-              student=ModelSpec.of(cfg.student), method=Options.of(cfg.method), teacher=None,
+              student=ModelSpec.of(cfg.student), method=_options(cfg.method), teacher=None,
               teacher_store=Path(str(rec["config"]["paths"]["teacher_store"])), logger=Options({"name": "none"}))
     student = job.student.build(job.dataset.num_classes, job.dataset.image_shape)
     student.load_state_dict(load_torch(ckpt, "run checkpoint")["student"])

@@ -154,9 +154,11 @@ def test_terminated_job_records_interrupted(tmp_path):
 def test_table_experiment_runs_teachers_then_students_with_teacher_rows(tmp_path):
     """A table's sweep end to end (TAKD's plain-CNN chain on CIFAR-shaped synthetic data): the big teacher is trained
     into the store, then the TA by kd from it, then the students; the leaderboard has a row for each, and the
-    teachers' rows carry the sweep's recipe overrides (here the tiny data and epochs), not the students' method."""
+    teachers' rows carry what shapes them (the experiment, the tiny data, their own short recipe), not the students'
+    method or epochs."""
     tiny = ["dataset=synthetic", "dataset.num_classes=10", "dataset.train_size=64", "dataset.test_size=32",
-            "trainer.batch_size=16", "trainer.epochs=1", "trainer.progress=false"]
+            "trainer.batch_size=16", "trainer.epochs=1", "trainer.progress=false", "++teacher.recipe.trainer.epochs=2",
+            "++teacher.distill.from.recipe.trainer.epochs=2"]
     out = _kdbench(tmp_path, "experiment=takd_cifar10", "pair=plain_cnn_10-plain_cnn_4-plain_cnn_2", "method=vanilla,kd",
                    "seed=1", *tiny)
     assert out.returncode == 0, out.stderr[-2000:]
@@ -165,9 +167,11 @@ def test_table_experiment_runs_teachers_then_students_with_teacher_rows(tmp_path
     rows = {(r.teacher, r.student, r.method): r.setting for r in board.itertuples()}
     assert set(rows) == {("", "plain_cnn_10", "vanilla"), ("plain_cnn_10", "plain_cnn_4_ta", "kd"),
                          ("", "plain_cnn_2", "vanilla"), ("plain_cnn_4_ta", "plain_cnn_2", "kd")}
-    recipe = "dataset.num_classes=10 dataset.test_size=32 dataset.train_size=64 experiment=takd_cifar10 " \
-             "trainer.batch_size=16 trainer.epochs=1"
-    assert rows[("", "plain_cnn_10", "vanilla")] == rows[("plain_cnn_10", "plain_cnn_4_ta", "kd")] == recipe
+    data = "dataset.num_classes=10 dataset.test_size=32 dataset.train_size=64 experiment=takd_cifar10"
+    both = f"++teacher.distill.from.recipe.trainer.epochs=2 ++teacher.recipe.trainer.epochs=2 {data}"
+    assert rows[("", "plain_cnn_10", "vanilla")] == rows[("plain_cnn_10", "plain_cnn_4_ta", "kd")] == both
+    assert rows[("plain_cnn_4_ta", "plain_cnn_2", "kd")] == (f"{both} pair=plain_cnn_10-plain_cnn_4-plain_cnn_2 "
+                                                         "trainer.batch_size=16 trainer.epochs=1")
     finished = {(rec["student"], rec["method"]): rec["finished_at"]
                 for rec in (json.loads(p.read_text()) for p in tmp_path.rglob("metrics.json"))}
     assert finished[("plain_cnn_10", "vanilla")] <= finished[("plain_cnn_4_ta", "kd")] <= finished[("plain_cnn_2", "kd")]

@@ -11,7 +11,7 @@ its gradients stay on the hard branch's scale. soft_loss: kl subtracts the teach
 import torch
 import torch.nn.functional as F
 
-from kdbench.distill import Method, cross_entropy, register_method
+from kdbench.distill import Method, register_method
 from kdbench.errors import KDBenchError
 
 SOFT_LOSSES = ("ce", "kl")
