@@ -81,6 +81,9 @@ class PairInfo:
     epochs: int
     lr: float  # the run's base learning rate (pre-training stages derive theirs from it)
     input_shape: tuple[int, ...] = ()  # (C, H, W) of the inputs, for methods that build extra networks (DML peers)
+    mean: tuple[float, ...] = ()  # the inputs' per-channel normalisation: batch.inputs = (image in [0, 1] - mean) / std,
+    std: tuple[float, ...] = ()  # for methods that make extra views of a batch (strong augmentation, rotations)
+    seed: int = 0  # the run's seed: a method's own randomness replays from epoch_seed(seed, epoch, stream)
 
     def incompatible(self, method: str, detail: str) -> IncompatibleModels:
         return IncompatibleModels(f"method '{method}' cannot distill {self.teacher_name} -> {self.student_name}: {detail}")

@@ -248,7 +248,7 @@ def _train(job: Job, out_dir: Path, record: RunRecord, logger) -> TapModel:
     student = job.student.build(data.num_classes, data.input_shape).to(device)
     pair = PairInfo(student, teacher, probe_taps(student, data.input_shape), teacher_shapes, job.student.label,
                     job.teacher.model.label if teacher is not None else None, data.num_classes, data.train.labels,
-                    tr.epochs, job.optim.lr, data.input_shape)
+                    tr.epochs, job.optim.lr, data.input_shape, tuple(job.dataset.mean), tuple(job.dataset.std), job.seed)
     method = create_method(job.method, pair).to(device)
     outputs = None
     if teacher is not None:
