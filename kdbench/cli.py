@@ -21,9 +21,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from kdbench.config import CONF_DIR, check_experiment_names, register_configs
 from kdbench.errors import KDBenchError
+from kdbench.io import RESULTS_SETTING, ensure_writable_dir
 
 log = logging.getLogger("kdbench")
-_sweep_failures: list[str] = []
+# The folders of the jobs that did not complete, from this process (in-process launchers) and from the records the
+# sweep left (launchers that run jobs elsewhere). A set: one job may be seen both ways.
+_sweep_failures: set[str] = set()
 
 # One id per invocation, so two sweeps started in the same second never share a directory. main() mints it and
 # launcher workers inherit it through the environment; the default here serves the compose API (tests, notebooks).
@@ -31,6 +34,10 @@ os.environ.setdefault("KDBENCH_UID", secrets.token_hex(3))
 if not OmegaConf.has_resolver("kdbench_uid"):
     OmegaConf.register_new_resolver("kdbench_uid", lambda: os.environ["KDBENCH_UID"])
 register_configs()
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a timeout, a scheduler's preemption): ends the job like Ctrl-C, its record says `interrupted`."""
 
 
 class ReportCallback(Callback):
@@ -44,15 +51,34 @@ class ReportCallback(Callback):
 
             plans = load_plans(sweep_dir)
             print("\n" + format_totals(plans, config.dry_run_tflops))
-            _sweep_failures.extend(str(p["job"]) for p in plans if "error" in p)
+            _sweep_failures.update(str(p["job"]) for p in plans if "error" in p)
             return
+        from kdbench.record import ATTEMPT_FILE
         from kdbench.report import build_report, load_records, teacher_records
 
         teachers = teacher_records([sweep_dir])
         print("\n" + build_report([sweep_dir, *teachers], sweep_dir, title=f"kdbench leaderboard — {sweep_dir}"))
         print(f"\n(records and leaderboard.md/.csv/.html in {sweep_dir})")
         records = load_records([sweep_dir])
-        _sweep_failures.extend(records.loc[records["status"] != "completed", "path"])
+        _sweep_failures.update(str(Path(p).resolve()) for p in records.loc[records["status"] != "completed", "path"])
+        _sweep_failures.update(str(p.parent.resolve()) for p in sweep_dir.rglob(ATTEMPT_FILE))  # failed re-runs
+
+
+def _keep_failure(cfg: DictConfig, out_dir: Path, overrides, err: BaseException) -> None:
+    """A failure before the job's record existed (a bad option, a refused resume) still gets a record."""
+    from kdbench.job import labels_of
+    from kdbench.record import record_failure
+
+    if getattr(err, "kdbench_recorded", False):
+        return
+    try:
+        labels = labels_of(cfg)
+    except Exception:  # noqa: BLE001  (the labels themselves may be what is broken)
+        labels = {}
+    try:
+        record_failure(out_dir, err, labels=labels, seed=cfg.get("seed"), overrides=overrides)
+    except KDBenchError as unwritable:
+        log.error("%s", unwritable)
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
@@ -63,46 +89,69 @@ def _job(cfg: DictConfig):
     out_dir = Path(hc.runtime.output_dir)
     multirun = hc.mode == RunMode.MULTIRUN
     number = hc.job.num if multirun else None
+    overrides = tuple(hc.overrides.task)
     try:
         if cfg.dry_run:
             from kdbench.plan import dry_run_failed, dry_run_job, format_totals
 
             try:
-                plan = dry_run_job(resolve(cfg, tuple(hc.overrides.task)), out_dir, number, cfg.dry_run_tflops)
+                plan = dry_run_job(resolve(cfg, overrides), out_dir, number, cfg.dry_run_tflops)
             except Exception as err:
                 dry_run_failed(out_dir, number, err)
                 raise
             if not multirun:
                 print(format_totals([plan], cfg.dry_run_tflops))
             return None
-        record = run(resolve(cfg, tuple(hc.overrides.task)), out_dir)
+        record = run(resolve(cfg, overrides), out_dir)
     except Exception as err:
-        if not multirun:
-            raise
+        if not cfg.dry_run:
+            _keep_failure(cfg, out_dir, overrides, err)
+        _sweep_failures.add(str(out_dir.resolve()))
+        if not multirun and not isinstance(err, KDBenchError):
+            raise  # a bug, not bad input: its traceback helps
         detail = str(err) if isinstance(err, KDBenchError) else f"{type(err).__name__}: {err}"
-        log.error("job %s failed: %s (record kept in %s)", hc.job.num, detail, out_dir)
+        where = "plan.json" if cfg.dry_run else "record"
+        log.error("job%s failed: %s (%s kept in %s)", f" {number}" if multirun else "", detail, where, out_dir)
         return None
     return record["last_top1"]
 
 
 def _terminated(signum, frame):
-    raise KeyboardInterrupt(f"terminated by signal {signum}")
+    raise Terminated(f"terminated by signal {signum}")
+
+
+def _results_root(argv: list[str]) -> Path:
+    """The results root this invocation writes under: paths.root=... on the command line, else KDBENCH_RESULTS,
+    else ./outputs (conf/paths/default.yaml)."""
+    for arg in argv:
+        if arg.split("=", 1)[0].lstrip("+") == "paths.root" and "=" in arg and "," not in arg:
+            return Path(arg.split("=", 1)[1]).expanduser()
+    return Path(os.environ.get("KDBENCH_RESULTS", "./outputs")).expanduser()
 
 
 def main() -> None:
     # SIGTERM (timeout, Slurm preemption) ends a job like Ctrl-C: its record says "interrupted", epochs kept.
     signal.signal(signal.SIGTERM, _terminated)
     os.environ["KDBENCH_UID"] = secrets.token_hex(3)
-    if len(sys.argv) > 1 and sys.argv[1] == "report":
+    argv = sys.argv[1:]
+    if argv and argv[0] == "report":
         from kdbench.report import main as report_main
 
-        sys.exit(report_main(sys.argv[2:]))
+        sys.exit(report_main(argv[1:]))
     try:
-        check_experiment_names(sys.argv[1:])
+        check_experiment_names(argv)
+        if not any(a.startswith(("-", "hydra.sweep.dir=", "hydra.run.dir=")) for a in argv):
+            ensure_writable_dir(_results_root(argv), RESULTS_SETTING)  # before any job starts, in one line
     except KDBenchError as err:
         print(f"kdbench: {err}", file=sys.stderr)
         sys.exit(2)
-    _job()
+    try:
+        _job()
+    except KeyboardInterrupt as err:
+        how, code = ("SIGTERM", 143) if isinstance(err, Terminated) else ("Ctrl-C", 130)
+        print(f"kdbench: stopped by {how}; the running job's record says interrupted and keeps its finished epochs. "
+              f"Run the same command again in the same folder to resume (trainer.resume).", file=sys.stderr)
+        sys.exit(code)
     if _sweep_failures:
         print(f"kdbench: {len(_sweep_failures)} job(s) did not complete; see their metrics.json "
               "(plan.json in a dry run)", file=sys.stderr)
@@ -110,4 +159,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # `python -m kdbench.cli` runs this file as __main__, and Hydra imports kdbench.cli again for its callback: run
+    # the imported module's main, so that the failures the callback counts are the ones main() checks.
+    from kdbench.cli import main as _main
+
+    _main()

@@ -20,6 +20,20 @@ CONF_DIR = Path(__file__).resolve().parent / "conf"
 PRIMARY = "train"
 
 
+def _check(group: str, **rules) -> None:
+    """rules: key=(ok, requirement); raises one InvalidSetting line for the first broken rule."""
+    from kdbench.errors import InvalidSetting
+
+    for key, (ok, requirement) in rules.items():
+        if not ok:
+            raise InvalidSetting(f"{group}.{key} {requirement}")
+
+
+def _given(*values) -> bool:
+    """Whether the dataclass holds real values (not the MISSING / interpolation placeholders of composition)."""
+    return not any(isinstance(v, str) and (v == MISSING or v.startswith("${")) for v in values)
+
+
 @dataclass
 class DatasetConfig:
     name: str = MISSING  # digits | mnist | cifar10 | cifar100 | synthetic
@@ -36,6 +50,25 @@ class DatasetConfig:
     seed: int = 0  # synthetic generation and subset selection
     exclude_train_classes: list[int] = field(default_factory=list)  # e.g. Hinton's "no 3s in the transfer set"
 
+    def __post_init__(self):
+        if not _given(self.num_classes, self.image_shape, self.mean, self.std):
+            return
+        channels = self.image_shape[0] if len(self.image_shape) == 3 else None
+        _check("dataset",
+               num_classes=(self.num_classes >= 2, f"must be >= 2, got {self.num_classes}"),
+               image_shape=(len(self.image_shape) == 3 and min(self.image_shape) >= 1,
+                            f"must be [C, H, W] with positive sizes, got {list(self.image_shape)}"),
+               mean=(len(self.mean) == channels, f"needs one value per channel ({channels}), got {list(self.mean)}"),
+               std=(len(self.std) == channels and min(self.std) > 0,
+                    f"needs one positive value per channel ({channels}), got {list(self.std)}"),
+               crop_padding=(self.crop_padding >= 0, f"must be >= 0, got {self.crop_padding}"),
+               train_size=(self.train_size is None or self.train_size >= 1, f"must be >= 1, got {self.train_size}"),
+               test_size=(self.test_size is None or self.test_size >= 1, f"must be >= 1, got {self.test_size}"),
+               exclude_train_classes=(all(0 <= c < self.num_classes for c in self.exclude_train_classes)
+                                      and len(set(self.exclude_train_classes)) < self.num_classes,
+                                      f"must name classes in 0..{self.num_classes - 1} and keep at least one, got "
+                                      f"{list(self.exclude_train_classes)}"))
+
 
 @dataclass
 class OptimConfig:
@@ -48,6 +81,18 @@ class OptimConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     max_norm: Optional[float] = None  # cap on each unit's incoming-weight L2 norm (Hinton 2012 dropout nets)
 
+    def __post_init__(self):
+        _check("optim",
+               name=(self.name in ("sgd", "adam", "dot"), f"must be sgd, adam or dot (optim=<name>), got '{self.name}'"),
+               lr=(self.lr > 0, f"must be > 0, got {self.lr}"),
+               momentum=(0 <= self.momentum < 1, f"must be in [0, 1), got {self.momentum}"),
+               delta=(self.delta >= 0 and (self.name != "dot" or self.momentum + self.delta < 1),
+                      f"must be >= 0 with momentum + delta < 1, got {self.delta}"),
+               weight_decay=(self.weight_decay >= 0, f"must be >= 0, got {self.weight_decay}"),
+               betas=(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+                      f"must be two values in [0, 1), got {list(self.betas)}"),
+               max_norm=(self.max_norm is None or self.max_norm > 0, f"must be > 0 or null, got {self.max_norm}"))
+
 
 @dataclass
 class ScheduleConfig:
@@ -55,6 +100,14 @@ class ScheduleConfig:
     milestones: list[int] = field(default_factory=lambda: [150, 180, 210])  # step: lr0*gamma^#{m: epoch > m}
     gamma: float = 0.1
     min_lr: float = 0.0  # cosine floor
+
+    def __post_init__(self):
+        _check("schedule",
+               name=(self.name in ("step", "cosine", "constant"),
+                     f"must be step, cosine or constant (schedule=<name>), got '{self.name}'"),
+               milestones=(all(m >= 0 for m in self.milestones), f"must be epochs >= 0, got {list(self.milestones)}"),
+               gamma=(self.gamma > 0, f"must be > 0, got {self.gamma}"),
+               min_lr=(self.min_lr >= 0, f"must be >= 0, got {self.min_lr}"))
 
 
 @dataclass
@@ -72,6 +125,19 @@ class TrainerConfig:
     progress: bool = True  # tqdm bar over epochs
     teacher_cache: bool = True  # compute teacher outputs once per sample when exact (no augmentation, eval teacher)
     teacher_cache_gb: float = 4.0  # ... and when they fit in this much device memory
+
+    def __post_init__(self):
+        import re
+
+        _check("trainer",
+               epochs=(self.epochs >= 1, f"must be >= 1, got {self.epochs}"),
+               batch_size=(self.batch_size >= 1, f"must be >= 1, got {self.batch_size}"),
+               eval_batch_size=(self.eval_batch_size >= 1, f"must be >= 1, got {self.eval_batch_size}"),
+               device=(re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device) is not None,
+                       f"must be auto, cpu, mps, cuda or cuda:N, got '{self.device}'"),
+               precision=(self.precision in ("fp32", "bf16"), f"must be fp32 or bf16, got '{self.precision}'"),
+               num_workers=(self.num_workers >= 0, f"must be >= 0, got {self.num_workers}"),
+               teacher_cache_gb=(self.teacher_cache_gb >= 0, f"must be >= 0, got {self.teacher_cache_gb}"))
 
 
 @dataclass

@@ -172,10 +172,13 @@ class Method(nn.Module):
         """(weighted total, unweighted terms). Terms with weight 0 are computed for logging but not summed."""
         terms = self.all_terms(batch, student, teacher)
         weights = self.term_weights(epoch)
-        missing = terms.keys() - weights.keys()
-        if missing:
-            raise KDBenchError(f"method '{self.method_name}' has no weight for loss term(s) {sorted(missing)}; "
-                               f"set method.weights.<term> in its config")
+        if terms.keys() != weights.keys():
+            missing, unused = sorted(terms.keys() - weights.keys()), sorted(weights.keys() - terms.keys())
+            if missing:
+                raise KDBenchError(f"method '{self.method_name}' has no weight for loss term(s) {missing}; "
+                                   f"set method.weights.<term> in its config")
+            raise KDBenchError(f"method '{self.method_name}': method.weights names {unused}, which is no loss term of "
+                               f"this method (its terms: {', '.join(terms)}); check the spelling")
         total = sum(weights[k] * v for k, v in terms.items() if weights[k] != 0)
         return total, terms
 

@@ -27,3 +27,11 @@ class CorruptCheckpoint(KDBenchError):
 
 class OutputNotWritable(KDBenchError):
     """The output directory cannot be created or written."""
+
+
+class ConfigChanged(KDBenchError):
+    """A job's folder holds a run of another configuration; resuming it would mix the two."""
+
+
+class InvalidSetting(KDBenchError):
+    """A setting out of its range, or an unknown option."""

@@ -15,23 +15,42 @@ import torch
 from kdbench.errors import CorruptCheckpoint, OutputNotWritable
 
 
-def ensure_writable_dir(path: Path) -> Path:
+RESULTS_SETTING = "paths.root=<dir> (or KDBENCH_RESULTS)"
+
+
+def ensure_writable_dir(path: Path, setting: str = RESULTS_SETTING) -> Path:
+    """`path`, created if needed, after checking that files can be written there; else one error naming the
+    setting that chooses it."""
     try:
         path.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=path, prefix=".probe"):
             pass
     except OSError as err:
-        raise OutputNotWritable(f"cannot write to {path} ({err.strerror or err}); "
-                                f"choose a writable results root with paths.root=<dir>") from None
+        raise OutputNotWritable(f"cannot write to {path} ({err.strerror or err}); choose a writable directory "
+                                f"with {setting}") from None
     return path
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_FILE_MODE = 0o666 & ~_umask()  # what open() would give a new file: shared stores stay readable by colleagues
+
+
 def _atomic(path: Path, write) -> None:
+    """Write through a temporary file in the same folder, flushed to disk, then renamed over `path`: a crash (of
+    the process or the machine) leaves the old file or the new one, never a partial or empty one."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, _FILE_MODE)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -30,12 +30,12 @@ from kdbench.config import (DatasetConfig, OptimConfig, ScheduleConfig, TrainerC
                             override_key, semantic_config)
 from kdbench.data import Data, dataset_label, prepare_data
 from kdbench.distill import Method, Options, PairInfo, StageStep, create_method, method_class
-from kdbench.errors import KDBenchError
+from kdbench.errors import ConfigChanged, InvalidSetting, KDBenchError
 from kdbench.io import config_hash, load_torch, save_torch, sha256_file
 from kdbench.loggers import create_logger
 from kdbench.models import TapModel, count_parameters, create_model, load_reference_checkpoint, probe_taps
 from kdbench.optim import build_step, constant_sgd_step, lr_at
-from kdbench.record import RunRecord
+from kdbench.record import RECORD_FILE, RunRecord, read_record
 from kdbench.teachers import TeacherOutputs, TeacherStore, cache_bytes, cache_is_exact
 from kdbench.train import Run, autocast, configure_determinism, evaluate, fit, resolve_device, summary
 
@@ -113,7 +113,7 @@ def _typed(schema, node: DictConfig, group: str):
     if unknown:
         hints = [f"'{group}.{k}'" + (f" (did you mean '{group}.{m[0]}'?)" if (m := difflib.get_close_matches(k, names, 1))
                                       else "") for k in unknown]
-        raise KDBenchError(f"unknown setting {', '.join(hints)}; {group} has: {', '.join(names)}")
+        raise InvalidSetting(f"unknown setting {', '.join(hints)}; {group} has: {', '.join(names)}")
     return schema(**data)
 
 
@@ -127,9 +127,31 @@ def labels_of(cfg: DictConfig) -> dict:
             "student": cfg.student.label, "method": cfg.method.get("label") or cfg.method.name}
 
 
+# Options every method reads (kdbench.distill.Method) besides those its YAML lists; weights.<term> may add a term.
+BASE_METHOD_OPTIONS = ("temperature", "teacher_train_mode", "label")
+
+
+def check_added_method_options(cfg: DictConfig, overrides: Sequence[str]) -> None:
+    """A method option added with '+' (the form Hydra suggests for a key the YAML lacks) must be one the method
+    reads: a typo is an error naming the closest option, not an option silently ignored."""
+    for override in overrides:
+        key = override_key(override)
+        if not override.lstrip("~").startswith("+") or not key.startswith("method."):
+            continue
+        option = key[len("method."):]
+        if option.startswith("weights.") or option in BASE_METHOD_OPTIONS:
+            continue
+        known = sorted({str(k) for k in cfg.method.keys()} - {option} | set(BASE_METHOD_OPTIONS))
+        close = difflib.get_close_matches(option, known, 1)
+        raise InvalidSetting(f"method '{cfg.method.name}' has no option '{option}'"
+                             + (f" (did you mean 'method.{close[0]}'?)" if close else "")
+                             + f"; its options: {', '.join(known)}")
+
+
 def resolve(cfg: DictConfig, overrides: Sequence[str] = (), recipe_overrides: Optional[Sequence[str]] = None) -> Job:
     """The job these (composed) config and overrides describe, with its teacher chain. `recipe_overrides` (default:
     `overrides`) are those its teacher's recipe is composed from."""
+    check_added_method_options(cfg, overrides)
     labels = labels_of(cfg)
     recipe_overrides = tuple(overrides if recipe_overrides is None else recipe_overrides)
     teacher = None
@@ -209,8 +231,25 @@ def teacher_config(cfg: DictConfig, overrides: Sequence[str] = ()) -> tuple[Dict
 
 def run(job: Job, out_dir: Path) -> dict:
     """Train one job and keep its record current in out_dir/metrics.json; returns the record. Re-raises any
-    failure after recording it."""
+    failure after recording it. In a folder that already holds this job's completed record (a sweep launched again
+    to finish its stragglers), nothing is trained and the record is returned as it is; a folder that holds a run of
+    another configuration is refused (resuming it would mix two configurations' epochs)."""
+    out_dir = Path(out_dir)
+    if job.trainer.resume:
+        kept = read_record(out_dir / RECORD_FILE)
+        if kept is not None:
+            refuse_other_configuration(kept.get("config_hash"), job, out_dir)
+            if kept.get("status") == "completed" and kept.get("epochs_done") == job.trainer.epochs:
+                print(f"kdbench: {out_dir} already holds this job's completed record; kept as it is", flush=True)
+                return kept
     return train_job(job, out_dir)[0]
+
+
+def refuse_other_configuration(found: Optional[str], job: Job, out_dir: Path) -> None:
+    if found and found != job.key:
+        raise ConfigChanged(f"{out_dir} holds a run of another configuration (config hash {found}; this job's is "
+                            f"{job.key}), so its epochs ran with other settings; start fresh there with "
+                            f"trainer.resume=false, or run the job in another directory")
 
 
 def train_job(job: Job, out_dir: Path) -> tuple[dict, TapModel]:
@@ -231,8 +270,24 @@ def train_job(job: Job, out_dir: Path) -> tuple[dict, TapModel]:
     return record.data, student
 
 
+def check_pair(job: Job) -> None:
+    """Build the method on untrained models of the job's pair (no data, the global RNG untouched), so that a pair
+    the method cannot serve (IncompatibleModels) is refused before any teacher is trained."""
+    shape, classes = tuple(job.dataset.image_shape), int(job.dataset.num_classes)
+    with torch.random.fork_rng(devices=[]):
+        student = job.student.build(classes, shape)
+        teacher = job.teacher.model.build(classes, shape) if job.teacher is not None else None
+        labels = torch.arange(2 * classes) % classes
+        pair = PairInfo(student, teacher, probe_taps(student, shape), probe_taps(teacher, shape) if teacher else None,
+                        job.student.label, job.teacher.model.label if teacher else None, classes, labels,
+                        job.trainer.epochs, job.optim.lr, shape, tuple(job.dataset.mean), tuple(job.dataset.std),
+                        job.seed)
+        create_method(job.method, pair)
+
+
 def _train(job: Job, out_dir: Path, record: RunRecord, logger) -> TapModel:
     tr = job.trainer
+    check_pair(job)
     configure_determinism(tr.deterministic)
     device = resolve_device(tr.device)
     data = prepare_data(job.dataset, tr, device)
@@ -270,6 +325,7 @@ def _fit(job: Job, student: TapModel, method: Method, outputs: Optional[TeacherO
     ckpt_path = out_dir / CHECKPOINT_FILE
     state = load_torch(ckpt_path, "run checkpoint") if tr.resume and ckpt_path.exists() else None
     if state is not None:
+        refuse_other_configuration(state.get("config_hash"), job, out_dir)
         student.load_state_dict(state["student"])
         method.load_state_dict(state["method"])
     stages_done = list(state["stages_done"]) if state else []
@@ -284,7 +340,8 @@ def _fit(job: Job, student: TapModel, method: Method, outputs: Optional[TeacherO
             progress=f"{method.method_name}:{stage.name}" if tr.progress else None)
         stages_done.append(stage.name)
         save_torch(ckpt_path, {"epoch": 0, "stages_done": stages_done, "student": student.state_dict(),
-                               "method": method.state_dict(), "optimizer": None, "history": []})
+                               "method": method.state_dict(), "optimizer": None, "history": [],
+                               "config_hash": job.key})
 
     params = [p for p in chain(student.parameters(), method.trainable_parameters()) if p.requires_grad]
     policy = build_step(params, job.optim)
@@ -300,7 +357,7 @@ def _fit(job: Job, student: TapModel, method: Method, outputs: Optional[TeacherO
         history.append(entry)
         save_torch(ckpt_path, {"epoch": entry["epoch"], "stages_done": stages_done, "student": student.state_dict(),
                                "method": method.state_dict(), "optimizer": policy.optimizer.state_dict(),
-                               "history": history, "class_errors": ev.class_errors})
+                               "history": history, "class_errors": ev.class_errors, "config_hash": job.key})
         record.update(history=history, last_class_errors=ev.class_errors, **summary(history))
         logger.log({"lr": entry["lr"], "test/top1": ev.top1, "test/loss": ev.loss,
                     **{f"train/{k}": v for k, v in entry["train"].items()}}, step=entry["epoch"])
@@ -319,21 +376,26 @@ def obtain_teacher(spec: TeacherSpec, store_root: Path, data: Data, device: torc
     label = spec.model.label
     if spec.checkpoint is not None:
         print(f"kdbench: teacher {label}: loading checkpoint {spec.checkpoint}", flush=True)
-        load_reference_checkpoint(model, load_torch(spec.checkpoint, "teacher checkpoint"))
+        load_reference_checkpoint(model, load_torch(spec.checkpoint, "teacher checkpoint"), str(spec.checkpoint),
+                                  spec.model.name)
         source = {"kind": "checkpoint", "path": str(spec.checkpoint), "sha256": sha256_file(spec.checkpoint)}
     else:
         store = TeacherStore(store_root)
         entry = store.entry(spec.entry)
-        with store.lock(entry) as waited:
-            if entry.exists():
-                how = "trained just now by another job" if waited else "trained before"
-                print(f"kdbench: teacher {label}: found in the store ({how}): {entry.directory}", flush=True)
-            else:
-                print(f"kdbench: teacher {label}: not in the store, training it now ({describe_training(spec)}) "
-                      f"into {entry.directory}", flush=True)
-                _, trained = train_job(spec.job, entry.train_dir)
-                store.put(entry, trained.state_dict(), spec.job.key, semantic_config(spec.job.config))
-                (entry.train_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
+        how = "trained before"
+        if not entry.exists():
+            with store.lock(entry):
+                if entry.exists():
+                    how = "trained just now by another job"
+                else:
+                    print(f"kdbench: teacher {label}: not in the store, training it now ({describe_training(spec)}) "
+                          f"into {entry.directory}", flush=True)
+                    _, trained = train_job(spec.job, entry.train_dir)
+                    store.put(entry, trained.state_dict(), spec.job.key, semantic_config(spec.job.config))
+                    (entry.train_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
+                    how = ""
+        if how:
+            print(f"kdbench: teacher {label}: found in the store ({how}): {entry.directory}", flush=True)
         checkpoint, sha = store.load(entry)
         load_reference_checkpoint(model, checkpoint)
         source = {"kind": "store", "path": str(entry.weights), "sha256": sha, "key": spec.job.key}
@@ -360,8 +422,6 @@ def describe_training(spec: TeacherSpec) -> str:
 def load_finished(run_dir: Path, device: str | torch.device = "cpu") -> tuple[TapModel, Job]:
     """A finished run's student (its last epoch, in eval mode on `device`) and its job, from the run's directory."""
     import json
-
-    from kdbench.record import RECORD_FILE
 
     rec = json.loads((Path(run_dir) / RECORD_FILE).read_text())
     ckpt = Path(run_dir) / CHECKPOINT_FILE

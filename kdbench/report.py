@@ -12,6 +12,7 @@ Metrics: top1 (accuracy %), test_errors (misclassified test samples), test_error
 from __future__ import annotations
 
 import argparse
+import csv
 import html
 import json
 import math
@@ -22,7 +23,7 @@ import pandas as pd
 
 from kdbench.config import current_experiment, override_key, semantic_overrides
 from kdbench.io import write_json
-from kdbench.record import RECORD_FILE
+from kdbench.record import RECORD_FILE, effective_status
 
 PAPER_DIR = Path(__file__).resolve().parent / "paper"  # published numbers, shipped with the package
 KEYS = ["dataset", "teacher", "student", "method"]
@@ -52,9 +53,11 @@ def teacher_records(paths) -> list[Path]:
     followed to the first teacher): a sweep's own leaderboard then carries the tables' teacher rows."""
     todo, found = find_records(paths), []
     while todo:
+        path = todo.pop()
         try:
-            source = json.loads(todo.pop().read_text()).get("teacher_source") or {}
-        except (OSError, json.JSONDecodeError):
+            rec = json.loads(path.read_text(encoding="utf-8"))
+            source = (rec.get("teacher_source") or {}) if isinstance(rec, dict) else {}
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
             continue  # load_records reports unreadable records
         train = Path(source["path"]).parent / "train" / RECORD_FILE if source.get("kind") == "store" else None
         if train is not None and train.exists() and train not in found:
@@ -63,16 +66,28 @@ def teacher_records(paths) -> list[Path]:
     return found
 
 
+def _read(path: Path) -> dict | None:
+    """A record, or None (with a warning naming the file) when it is not a readable UTF-8 JSON object."""
+    try:
+        rec = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        print(f"kdbench-report: skipping unreadable {path}: {err}", file=sys.stderr)
+        return None
+    if not isinstance(rec, dict):
+        print(f"kdbench-report: skipping {path}: a record is a JSON object, this holds a {type(rec).__name__}",
+              file=sys.stderr)
+        return None
+    return rec
+
+
 def load_records(paths) -> pd.DataFrame:
     rows = []
     for path in find_records(paths):
-        try:
-            rec = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as err:
-            print(f"kdbench-report: skipping unreadable {path}: {err}", file=sys.stderr)
+        rec = _read(path)
+        if rec is None:
             continue
         rows.append({**{k: rec.get(k) or "" for k in KEYS}, "setting": _setting(rec.get("overrides")),
-                     "seed": rec.get("seed"), "status": rec.get("status"), "last_top1": rec.get("last_top1"),
+                     "seed": rec.get("seed"), "status": effective_status(rec), "last_top1": rec.get("last_top1"),
                      "best_top1": rec.get("best_top1"), "n_test": rec.get("n_test"), "error": rec.get("error"),
                      "epochs_done": rec.get("epochs_done"), "last_class_errors": rec.get("last_class_errors"),
                      "path": str(path.parent)})
@@ -83,15 +98,40 @@ def load_records(paths) -> pd.DataFrame:
 PAPER_COLUMNS = [*KEYS, "paper", "table", "metric", "value", "protocol", "runs", "source", "experiments"]
 
 
+REQUIRED_PAPER_COLUMNS = [c for c in PAPER_COLUMNS if c != "experiments"]
+
+
+def _paper_rows(path: Path) -> list[dict]:
+    """The valid rows of one paper CSV; a malformed row is skipped with a warning naming the file and line."""
+    with open(path, newline="", encoding="utf-8", errors="replace") as f:
+        reader = csv.DictReader(f)
+        missing = [c for c in REQUIRED_PAPER_COLUMNS if c not in (reader.fieldnames or [])]
+        if missing:
+            print(f"kdbench-report: skipping {path}: no column(s) {missing}", file=sys.stderr)
+            return []
+        rows = []
+        for row in reader:
+            problem = None
+            if None in row or any(v is None for v in row.values()):
+                problem = f"has {len(row.get(None) or []) + len([v for v in row.values() if v is not None])} fields, " \
+                          f"the header {len(reader.fieldnames)}"
+            else:
+                try:
+                    float(row["value"])
+                except ValueError:
+                    problem = f"value {row['value']!r} is not a number"
+            if problem:
+                print(f"kdbench-report: skipping {path} line {reader.line_num}: {problem}", file=sys.stderr)
+                continue
+            rows.append({c: row.get(c) or "" for c in PAPER_COLUMNS})
+    return rows
+
+
 def load_paper(paper_dir: Path = PAPER_DIR) -> pd.DataFrame:
-    frames = [pd.read_csv(p, dtype=str, keep_default_na=False) for p in sorted(Path(paper_dir).glob("*.csv"))]
-    if not frames:
-        return pd.DataFrame(columns=PAPER_COLUMNS)
-    paper = pd.concat(frames, ignore_index=True)
-    paper["value"] = pd.to_numeric(paper["value"], errors="coerce")
-    if "experiments" not in paper:
-        paper["experiments"] = ""
-    return paper.dropna(subset=["value"]).fillna({"experiments": ""})
+    rows = [row for p in sorted(Path(paper_dir).glob("*.csv")) for row in _paper_rows(p)]
+    paper = pd.DataFrame(rows, columns=PAPER_COLUMNS)
+    paper["value"] = pd.to_numeric(paper["value"])
+    return paper
 
 
 def experiment_of(setting: str) -> str:
@@ -238,8 +278,20 @@ def to_html(table: pd.DataFrame, title: str) -> str:
             + table.to_html(index=False, escape=True))
 
 
-def failures(records: pd.DataFrame) -> pd.DataFrame:
-    return records[~records["status"].isin(["completed"])][[*KEYS, "seed", "status", "error", "path"]]
+def failures(records: pd.DataFrame, relative_to: Path | None = None) -> pd.DataFrame:
+    """The runs not completed, their paths relative to `relative_to` (the report's folder) when below it."""
+    failed = records[~records["status"].isin(["completed"])][[*KEYS, "seed", "status", "error", "path"]].copy()
+    if relative_to is not None:
+        base = Path(relative_to).resolve()
+        failed["path"] = [_relative(p, base) for p in failed["path"]]
+    return failed
+
+
+def _relative(path: str, base: Path) -> str:
+    try:
+        return str(Path(path).resolve().relative_to(base)) or "."
+    except ValueError:
+        return path
 
 
 def build_report(paths, out_dir: Path | None = None, paper_dir: Path = PAPER_DIR, title: str = "kdbench leaderboard") -> str:
@@ -250,7 +302,7 @@ def build_report(paths, out_dir: Path | None = None, paper_dir: Path = PAPER_DIR
     md = f"## {title}\n\n" + (to_markdown(table) if not table.empty else "_no completed runs_")
     for name, grid in paper_tables(board):
         md += f"\n\n### {name} (ours / paper)\n\n" + to_markdown(grid)
-    failed = failures(records)
+    failed = failures(records, out_dir)
     if not failed.empty:
         md += "\n\nRuns not completed:\n\n" + to_markdown(failed.fillna(""))
     if out_dir is not None:

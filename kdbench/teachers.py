@@ -26,6 +26,7 @@ from kdbench.errors import CorruptCheckpoint
 from kdbench.io import ensure_writable_dir, load_torch, save_torch, sha256_file, write_json
 from kdbench.models import TapModel
 
+STORE_SETTING = "paths.teacher_store=<dir>"
 WEIGHTS_FILE = "teacher.pt"
 META_FILE = "meta.json"
 TRAIN_DIR = "train"
@@ -64,18 +65,14 @@ class TeacherStore:
         return StoreEntry(self.root / name)
 
     @contextmanager
-    def lock(self, entry: StoreEntry) -> Iterator[bool]:
-        """Hold the entry's lock; yields whether another process held it first (we waited for it)."""
-        ensure_writable_dir(entry.directory)
+    def lock(self, entry: StoreEntry) -> Iterator[None]:
+        """Hold the entry's lock (to train it): parallel jobs that need one teacher train it once. Reading a
+        complete entry needs no lock, nor write access."""
+        ensure_writable_dir(entry.directory, STORE_SETTING)
         with open(entry.directory / ".lock", "w") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
             try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                waited = False
-            except BlockingIOError:
-                fcntl.flock(handle, fcntl.LOCK_EX)
-                waited = True
-            try:
-                yield waited
+                yield
             finally:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 

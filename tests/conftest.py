@@ -5,6 +5,8 @@ import os
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # before torch loads: tiny test models gain nothing from threads
 
+import subprocess  # noqa: E402
+import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
@@ -26,6 +28,16 @@ SHARED_MNIST = REPO.parent / "shared" / "data"
 TINY_SYNTHETIC = ["dataset=synthetic", "dataset.num_classes=10", "dataset.train_size=64", "dataset.test_size=32",
                   "trainer.batch_size=16", "trainer.epochs=1", "trainer.progress=false",
                   "++teacher.recipe.trainer.epochs=1"]
+
+
+KDBENCH = [sys.executable, "-c", "from kdbench.cli import main; main()"]  # the console script's entry point
+
+
+def kdbench_cli(tmp_path: Path, *args, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """`kdbench <args>` as a user runs it, with results under tmp_path (KDBENCH_RESULTS) and tmp_path as cwd."""
+    full_env = {**os.environ, "KDBENCH_RESULTS": str(tmp_path), **(env or {})}
+    return subprocess.run([*KDBENCH, *args], capture_output=True, text=True, env=full_env, cwd=tmp_path,
+                          timeout=timeout)
 
 
 def compose_config(overrides=(), tmp_path: Path | None = None, return_hydra_config: bool = False):

@@ -2,25 +2,19 @@
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
 from kdbench.report import build_report, leaderboard, load_paper, load_records, paper_tables
+from tests.conftest import KDBENCH, kdbench_cli
 
-KDBENCH = [sys.executable, "-c", "from kdbench.cli import main; main()"]
 FAST = ["teacher=mlp_32", "trainer.epochs=2", "trainer.progress=false"]
 
 
-def _kdbench(tmp_path, *args):
-    env = {**os.environ, "KDBENCH_RESULTS": str(tmp_path)}
-    return subprocess.run([*KDBENCH, *args], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
-
-
 def test_multirun_writes_records_and_prints_leaderboard(tmp_path):
-    out = _kdbench(tmp_path, "-m", "method=vanilla,kd", "seed=1,2", *FAST)
+    out = kdbench_cli(tmp_path, "-m", "method=vanilla,kd", "seed=1,2", *FAST)
     assert out.returncode == 0, out.stderr[-2000:]
     (sweep,) = (tmp_path / "multirun").iterdir()
     records = [json.loads(p.read_text()) for p in sweep.glob("*/metrics.json")]
@@ -44,7 +38,7 @@ def test_multirun_writes_records_and_prints_leaderboard(tmp_path):
 
 
 def test_teachers_of_different_recipes_are_separate_rows(tmp_path):
-    out = _kdbench(tmp_path, "method=kd", "seed=1", "+teacher.recipe.trainer.epochs=1,2", *FAST)
+    out = kdbench_cli(tmp_path, "method=kd", "seed=1", "+teacher.recipe.trainer.epochs=1,2", *FAST)
     assert out.returncode == 0, out.stderr[-2000:]
     (sweep,) = (tmp_path / "multirun").iterdir()
     board = pd.read_csv(sweep / "leaderboard.csv", dtype={"teacher": str, "setting": str}, keep_default_na=False)
@@ -54,7 +48,7 @@ def test_teachers_of_different_recipes_are_separate_rows(tmp_path):
 
 
 def test_failing_job_leaves_other_records_and_report(tmp_path):
-    out = _kdbench(tmp_path, "method=vanilla", "optim.lr=0.05,1e12", *FAST)
+    out = kdbench_cli(tmp_path, "method=vanilla", "optim.lr=0.05,1e12", *FAST)
     assert out.returncode == 1 and "did not complete" in out.stderr
     (sweep,) = (tmp_path / "multirun").iterdir()
     statuses = {json.loads(p.read_text())["config"]["optim"]["lr"]: json.loads(p.read_text())["status"]
@@ -72,7 +66,7 @@ def test_two_sweeps_in_the_same_second_do_not_collide(tmp_path):
 
 
 def test_report_subcommand(tmp_path):
-    assert _kdbench(tmp_path, "method=kd", "seed=1", *FAST).returncode == 0
+    assert kdbench_cli(tmp_path, "method=kd", "seed=1", *FAST).returncode == 0
     for flags, teacher_row in (([], False), (["--teachers"], True)):
         out = subprocess.run([*KDBENCH, "report", str(tmp_path / "multirun"), "--out", str(tmp_path / "rep"), *flags],
                              capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
@@ -159,7 +153,7 @@ def test_table_experiment_runs_teachers_then_students_with_teacher_rows(tmp_path
     tiny = ["dataset=synthetic", "dataset.num_classes=10", "dataset.train_size=64", "dataset.test_size=32",
             "trainer.batch_size=16", "trainer.epochs=1", "trainer.progress=false", "++teacher.recipe.trainer.epochs=2",
             "++teacher.distill.from.recipe.trainer.epochs=2"]
-    out = _kdbench(tmp_path, "experiment=takd_cifar10", "pair=plain_cnn_10-plain_cnn_4-plain_cnn_2", "method=vanilla,kd",
+    out = kdbench_cli(tmp_path, "experiment=takd_cifar10", "pair=plain_cnn_10-plain_cnn_4-plain_cnn_2", "method=vanilla,kd",
                    "seed=1", *tiny)
     assert out.returncode == 0, out.stderr[-2000:]
     (sweep,) = (tmp_path / "multirun").iterdir()

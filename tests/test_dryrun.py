@@ -6,9 +6,8 @@ import sys
 
 from kdbench.data import planned_train_size
 from kdbench.plan import format_job, forward_flops, plan_job, sweep_totals, teachers_to_train
-from tests.conftest import compose_config, resolve_job
+from tests.conftest import KDBENCH, compose_config, resolve_job
 
-KDBENCH = [sys.executable, "-c", "from kdbench.cli import main; main()"]
 
 
 def test_forward_flops_match_a_hand_count():

@@ -53,10 +53,12 @@ def reference_state_dict(checkpoint: Mapping) -> dict[str, torch.Tensor]:
     return out
 
 
-def load_reference_checkpoint(model: nn.Module, path_or_checkpoint: str | PathLike | Mapping) -> nn.Module:
+def load_reference_checkpoint(model: nn.Module, path_or_checkpoint: str | PathLike | Mapping, source: str = "",
+                              model_name: str = "") -> nn.Module:
     """Load a RepDistiller/mdistiller checkpoint (a path or an already loaded dict) into `model`, strictly.
 
-    Raises IncompatibleModels naming the missing / unexpected keys or the mismatched shapes. Returns the model.
+    Raises IncompatibleModels naming the file (`source` for a loaded dict), the model (`model_name`, its config
+    name), the missing / unexpected keys and the mismatched shapes. Returns the model.
     """
     if isinstance(path_or_checkpoint, (str, PathLike)):
         path = Path(path_or_checkpoint).expanduser()
@@ -68,7 +70,7 @@ def load_reference_checkpoint(model: nn.Module, path_or_checkpoint: str | PathLi
             raise CorruptCheckpoint(f"cannot read reference checkpoint {path}: {err}") from None
         source = str(path)
     else:
-        checkpoint, source = path_or_checkpoint, "checkpoint"
+        checkpoint, source = path_or_checkpoint, source or "the checkpoint"
     state = reference_state_dict(checkpoint)
     own = model.state_dict()
     for key, value in own.items():  # old checkpoints lack BN's num_batches_tracked
@@ -79,9 +81,10 @@ def load_reference_checkpoint(model: nn.Module, path_or_checkpoint: str | PathLi
     mismatched = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
                   for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
     if missing or unexpected or mismatched:
+        what = f"model '{model_name}' ({type(model).__name__})" if model_name else type(model).__name__
         raise IncompatibleModels(
-            f"{source} does not fit {type(model).__name__}: {len(missing)} missing {missing[:5]}, "
+            f"{source} does not fit {what}: {len(missing)} missing {missing[:5]}, "
             f"{len(unexpected)} unexpected {unexpected[:5]}, {len(mismatched)} shape mismatches {mismatched[:3]}. "
-            "Check that the architecture name matches the checkpoint's.")
+            "Check that the architecture (teacher=<model>) matches the checkpoint's.")
     model.load_state_dict(state, strict=True)
     return model
