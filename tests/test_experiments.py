@@ -35,7 +35,15 @@ TABLES = {
     "YimFSP2017": ["fsp_cifar10", "fsp_cifar100"],
     "TAKD2020": ["takd_cifar10", "takd_cifar100"],
     "Hinton2015": ["hinton_mnist", "hinton_mnist_no3", "hinton_mnist_only78"],
+    "Sun2024_LSKD": ["lskd_cifar100_same", "lskd_cifar100_cross"],
+    "Huang2022_DIST": ["dist_cifar100"],
+    "Zheng2024_TTM": ["ttm_cifar100_same", "ttm_cifar100_cross"],
+    "Yang2023_NKD": [],  # ImageNet cells only (the CIFAR-100 tables are not transcribed yet)
+    "Zhou2021_WSLD": [],  # ImageNet cells only
 }
+# Data sets whose rows a paper CSV may carry before kdbench can run them (no conf/dataset/<name>.yaml yet): their cells
+# are not required to have a job until the data set exists (ImageNet is another issue).
+AWAITING_DATASETS = {"imagenet"} - {p.stem for p in (Path(CONF_DIR) / "dataset").glob("*.yaml")}
 DERIVED = {"kd+bias3", "kd+bias78"}  # made from a sweep's records afterwards (python -m kdbench.bias), not by a job
 # Experiments whose students learn from the RepDistiller teachers: one stored teacher per architecture for all.
 CIFAR100_BENCHMARK = ["crd_cifar100_same", "crd_cifar100_cross", "dkd_cifar100_same", "dkd_cifar100_cross",
@@ -164,7 +172,8 @@ def test_every_paper_file_has_its_experiments():
 @pytest.mark.parametrize("paper", sorted(TABLES))
 def test_every_paper_cell_has_a_job(paper):
     rows = pd.read_csv(PAPER_DIR / f"{paper}.csv", dtype=str, keep_default_na=False)
-    wanted = {(r.dataset, r.teacher, r.student, r.method) for r in rows.itertuples() if r.method not in DERIVED}
+    wanted = {(r.dataset, r.teacher, r.student, r.method) for r in rows.itertuples()
+              if r.method not in DERIVED and r.dataset not in AWAITING_DATASETS}
     produced = set().union(*(cells_of(e) for e in TABLES[paper]))
     missing = sorted(wanted - produced)
     assert not missing, f"{paper}: no job of {TABLES[paper]} produces {missing}"

@@ -31,7 +31,7 @@ from tests.conftest import make_batch, make_pair, method_config
 
 CONF = CONF_DIR / "method"
 METHOD_YAMLS = sorted(p.stem for p in CONF.glob("*.yaml"))
-TEACHER_FREE = {"dml", "tf_kd", "vanilla"}  # no pre-trained teacher: nothing of a teacher's to depend on
+TEACHER_FREE = {"dml", "tf_kd", "vanilla", "uskd"}  # no pre-trained teacher: nothing of a teacher's to depend on
 
 NUM_CLASSES, SHAPE, N_TRAIN, BATCH = 10, (3, 16, 16), 40, 8
 EPOCHS = (1, 10, 20, 240)
@@ -174,6 +174,47 @@ REFERENCE: dict[str, dict] = {
                      attrs={"mode": "hard", "alpha": 3.0, "beta": 3.0, "normalize": True, "top_k": 4,
                             "hard_top_k": None}),
     "vanilla": dict(config={"name": "vanilla"}, weights={"ce": 1.0}, attrs={}),
+    # ---- post-2021 logit methods: methods-modern.md sections, confirmed in each reference repository
+    # LSKD (§LSKD; README `--logit-stand --base-temp 2 --kd-weight 9`, cfg CE_WEIGHT 0.1): T 2, eps 1e-7, unbiased std
+    "lskd": dict(config={"name": "lskd", "temperature": 2.0, "eps": 1e-7, "unbiased": True},
+                 weights={"ce": 0.1, "lskd": 9.0},
+                 attrs={"temperature": 2.0, "eps": 1e-7, "unbiased": True, "teacher_taps": ("logits",)}),
+    # LSKD per pair (the released logs' kd,<t>,<s>,<T>,<weight>); composed for resnet110 -> resnet20: T 4, weight 12
+    "lskd_per_pair": dict(config={"name": "lskd", "label": "lskd", "eps": 1e-7, "unbiased": True,
+                                  "temperature": "${oc.select:method.by_pair.${teacher.label}.${student.label}.0,2.0}",
+                                  "by_pair": {"resnet32x4": {"resnet8x4": [2.0, 9.0], "ShuffleV2": [2.0, 9.0],
+                                                             "wrn_16_2": [3.0, 9.0], "wrn_40_2": [3.0, 9.0]},
+                                              "vgg13": {"vgg8": [3.0, 9.0], "MobileNetV2": [3.0, 9.0]},
+                                              "wrn_40_2": {"wrn_40_1": [2.0, 9.0], "wrn_16_2": [2.0, 9.0],
+                                                           "resnet8x4": [2.0, 9.0], "MobileNetV2": [3.0, 9.0]},
+                                              "resnet56": {"resnet20": [2.0, 9.0]},
+                                              "resnet110": {"resnet32": [2.0, 9.0], "resnet20": [4.0, 12.0]},
+                                              "ResNet50": {"MobileNetV2": [3.0, 1.0]}}},
+                          weights={"ce": 0.1, "lskd": 12.0},
+                          attrs={"temperature": 4.0}),
+    # DIST (§DIST; dist_cifar.yaml: dist_t4 = tau 4, beta = gamma = 1, kd_loss_weight 2, ori 1), eps 1e-8
+    "dist": dict(config={"name": "dist", "tau": 4.0, "eps": 1e-8},
+                 weights={"ce": 1.0, "inter": 2.0, "intra": 2.0},
+                 attrs={"tau": 4.0, "eps": 1e-8, "teacher_taps": ("logits",)}),
+    # TTM (§TTM/WTTM; README: --ttm_l 0.1 -r 1 -b 45, vgg13 -> vgg8)
+    "ttm": dict(config={"name": "ttm", "gamma": 0.1}, weights={"ce": 1.0, "ttm": 45.0},
+                attrs={"gamma": 0.1, "teacher_taps": ("logits",)}),
+    # WTTM (README's CRD + WTTM command: --add wttm --ttm_l 0.2 -a 4; CE -r default 1)
+    "wttm": dict(config={"name": "wttm", "gamma": 0.2}, weights={"ce": 1.0, "wttm": 4.0},
+                 attrs={"gamma": 0.2, "teacher_taps": ("logits",)}),
+    # NKD (§NKD; cls_KD res34_distill_res18_cifar.py: temp 3, gamma 3.5)
+    "nkd": dict(config={"name": "nkd", "temperature": 3.0},
+                weights={"ce": 1.0, "nkd_target": 1.0, "nkd_non_target": 3.5},
+                attrs={"temperature": 3.0, "teacher_taps": ("logits",)}),
+    # USKD (§USKD; res18_sd_cifar.py: alpha 0.1, beta 0.1, mu 0.1; weak head on the second-to-last stage)
+    "uskd": dict(config={"name": "uskd", "smoothing": 0.1, "rank_student": "log_softmax"},
+                 weights={"ce": 1.0, "uskd_target": 0.1, "uskd_non_target": 0.1, "uskd_weak": 0.1},
+                 attrs={"mid_tap": "stage2", "student_taps": ("stage2",), "fc.in_features": 32,
+                        "fc.out_features": NUM_CLASSES, "needs_teacher": False}),
+    # WSLD (§WSLD; cls_KD WSLDLoss CIFAR-100: T 4, alpha 2.25; official hard CE weight 1)
+    "wsld": dict(config={"name": "wsld", "temperature": 4.0, "eps": 1e-7},
+                 weights={"ce": 1.0, "wsld": 2.25},
+                 attrs={"temperature": 4.0, "eps": 1e-7, "teacher_taps": ("logits",)}),
 }
 
 # §1.4: the DKD / ReviewKD warm-up min(epoch / 20, 1) and the terms it scales (CE is never warmed up)
@@ -192,6 +233,9 @@ SETUP = {
     "vanilla": (None, "resnet8", ()),
     # the config is composed for resnet56 -> resnet20 (beta 2 from the table); the loss itself only needs logits
     "dkd_per_pair": ("resnet14", "resnet8", ("teacher=resnet56", "student=resnet20")),
+    "uskd": (None, "resnet8", ()),
+    # composed for resnet110 -> resnet20 (T 4, weight 12 from the table); the loss itself only needs logits
+    "lskd_per_pair": ("resnet14", "resnet8", ("teacher=resnet110", "student=resnet20")),
 }
 
 
@@ -408,12 +452,61 @@ def exp_vanilla(m, pair, b, s, t, ref):
     return {"ce": _ce(s, b)}
 
 
+def exp_lskd(m, pair, b, s, t, ref):
+    from kdbench.methods.lskd import lskd_loss
+    cfg = ref["config"]
+    T = ref["attrs"]["temperature"]  # lskd_per_pair's T is an interpolation in the config
+    return {"ce": _ce(s, b), "lskd": lskd_loss(s["logits"], t["logits"], T, cfg["eps"], cfg["unbiased"])}
+
+
+def exp_dist(m, pair, b, s, t, ref):
+    from kdbench.methods.dist import dist_inter_loss, dist_intra_loss
+    cfg = ref["config"]
+    return {"ce": _ce(s, b), "inter": dist_inter_loss(s["logits"], t["logits"], cfg["tau"], cfg["eps"]),
+            "intra": dist_intra_loss(s["logits"], t["logits"], cfg["tau"], cfg["eps"])}
+
+
+def exp_ttm(m, pair, b, s, t, ref):
+    from kdbench.methods.ttm import ttm_loss
+    return {"ce": _ce(s, b), "ttm": ttm_loss(s["logits"], t["logits"], ref["config"]["gamma"])}
+
+
+def exp_wttm(m, pair, b, s, t, ref):
+    from kdbench.methods.ttm import wttm_loss
+    return {"ce": _ce(s, b), "wttm": wttm_loss(s["logits"], t["logits"], ref["config"]["gamma"])}
+
+
+def exp_nkd(m, pair, b, s, t, ref):
+    from kdbench.methods.nkd import nkd_non_target_loss, nkd_target_loss
+    T = ref["config"]["temperature"]
+    return {"ce": _ce(s, b), "nkd_target": nkd_target_loss(s["logits"], t["logits"], b.targets),
+            "nkd_non_target": nkd_non_target_loss(s["logits"], t["logits"], b.targets, T)}
+
+
+def exp_uskd(m, pair, b, s, t, ref):
+    from kdbench.methods.uskd import uskd_non_target_loss, uskd_target_loss, uskd_weak_loss, zipf_non_target_labels
+    cfg = ref["config"]
+    z_w = m.fc(s["stage2"].mean(dim=(2, 3)))  # the weak head on the pooled second-to-last stage
+    labels = zipf_non_target_labels(s["logits"], z_w, b.targets, cfg["rank_student"])
+    return {"ce": _ce(s, b), "uskd_target": uskd_target_loss(s["logits"], b.targets),
+            "uskd_non_target": uskd_non_target_loss(s["logits"], labels, b.targets),
+            "uskd_weak": uskd_weak_loss(z_w, b.targets, cfg["smoothing"])}
+
+
+def exp_wsld(m, pair, b, s, t, ref):
+    from kdbench.methods.wsld import wsld_loss
+    cfg = ref["config"]
+    return {"ce": _ce(s, b), "wsld": wsld_loss(s["logits"], t["logits"], b.targets, cfg["temperature"], cfg["eps"])}
+
+
 EXPECTED_TERMS = {
     "kd": exp_kd, "ban": exp_kd, "tf_kd_self": exp_kd, "fitnet": exp_fitnet, "at": exp_at, "sp": exp_sp, "cc": exp_cc,
     "vid": exp_vid, "rkd": exp_rkd, "pkt": exp_pkt, "ab": exp_ab, "ft": exp_ft, "fsp": exp_fsp, "nst": exp_nst,
     "crd": exp_crd, "crd_kd": exp_crd, "kdsvd": exp_kdsvd, "ofd": exp_ofd, "reviewkd": exp_reviewkd, "dkd": exp_dkd,
     "dkd_per_pair": exp_dkd, "tf_kd": exp_tf_kd, "dml": exp_dml, "cond_ts": exp_cond_ts, "logit_l2": exp_logit_l2,
     "darkrank": exp_darkrank, "vanilla": exp_vanilla,
+    "lskd": exp_lskd, "lskd_per_pair": exp_lskd, "dist": exp_dist, "ttm": exp_ttm, "wttm": exp_wttm, "nkd": exp_nkd,
+    "uskd": exp_uskd, "wsld": exp_wsld,
 }
 
 
@@ -611,7 +704,7 @@ def test_shipped_config_defaults_match_the_reference(name):
     ref = REFERENCE[name]
     raw = OmegaConf.to_container(cfg, resolve=False)
     raw.pop("weights")
-    if name == "dkd_per_pair":  # dkd.yaml's keys come in through its defaults list
+    if name in ("dkd_per_pair", "lskd_per_pair"):  # the base yaml's keys come in through its defaults list
         raw.pop("defaults", None)
     assert raw == ref["config"], f"{name}: composed config differs from the reference defaults"
     weights = OmegaConf.to_container(cfg.weights, resolve=True)

@@ -228,7 +228,7 @@ def test_benchmark_method_jobs_run_resnet32x4_to_resnet8x4(run_job, random_teach
 # Methods the references cannot run on this pair: KDSVD compares singular vectors of equal widths, FSP needs equal
 # widths, OFD and ReviewKD need pre-activation features MobileNetV2 does not define (mdistiller cannot either).
 CROSS_ARCH_REFUSES = {"kdsvd", "fsp", "ofd", "reviewkd"}
-NO_TEACHER = {"vanilla", "dml", "tf_kd"}
+NO_TEACHER = {"vanilla", "dml", "tf_kd", "uskd"}
 STAGE_OPTIONS = {"ab": ["method.stage_epochs=1"], "fsp": ["method.stage_epochs=1"],
                  # an untrained teacher's last map is ~1e2 in scale: a tiny paraphraser LR keeps the stage finite
                  "ft": ["method.stage_epochs=1", "method.stage_lr=1e-6"]}
