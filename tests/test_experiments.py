@@ -35,11 +35,12 @@ TABLES = {
     "YimFSP2017": ["fsp_cifar10", "fsp_cifar100"],
     "TAKD2020": ["takd_cifar10", "takd_cifar100"],
     "Hinton2015": ["hinton_mnist", "hinton_mnist_no3", "hinton_mnist_only78"],
+    "Xu2020_SSKD": ["sskd_cifar100"],
 }
 DERIVED = {"kd+bias3", "kd+bias78"}  # made from a sweep's records afterwards (python -m kdbench.bias), not by a job
 # Experiments whose students learn from the RepDistiller teachers: one stored teacher per architecture for all.
 CIFAR100_BENCHMARK = ["crd_cifar100_same", "crd_cifar100_cross", "dkd_cifar100_same", "dkd_cifar100_cross",
-                      "dot_cifar100"]
+                      "dot_cifar100", "sskd_cifar100"]
 FULL_PRODUCT_MAX = 6  # larger pair x method sweeps are composed per pair and per method
 
 
