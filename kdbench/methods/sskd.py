@@ -44,8 +44,6 @@ Where kdbench differs from the reference (not options: the data interface decide
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn

@@ -71,7 +71,8 @@ def test_views_are_numpys_quarter_turns_of_each_image_interleaved_as_the_referen
 
 def test_rotating_normalised_inputs_equals_normalising_rotated_images():
     image = torch.rand(4, 3, 8, 8, generator=torch.Generator().manual_seed(1))
-    mean, std = torch.tensor([0.5071, 0.4866, 0.4409]).view(1, 3, 1, 1), torch.tensor([0.2675, 0.2565, 0.2761]).view(1, 3, 1, 1)
+    mean = torch.tensor([0.5071, 0.4866, 0.4409]).view(1, 3, 1, 1)
+    std = torch.tensor([0.2675, 0.2565, 0.2761]).view(1, 3, 1, 1)
     assert torch.equal(rotate_views((image - mean) / std), (rotate_views(image) - mean) / std)
 
 
@@ -79,7 +80,8 @@ def test_view_batch_repeats_every_field_per_view():
     b = make_batch(3, 10, indices=[5, 9, 2])
     v = rotation_views(b)
     assert len(v) == 12 and v.targets.tolist() == [5] * 4 + [9] * 4 + [2] * 4
-    assert v.indices.tolist() == [5] * 4 + [9] * 4 + [2] * 4 and v.crop_offsets.shape == (12, 2) and v.flips.shape == (12,)
+    assert v.indices.tolist() == [5] * 4 + [9] * 4 + [2] * 4
+    assert v.crop_offsets.shape == (12, 2) and v.flips.shape == (12,)
     assert torch.equal(v.inputs, rotate_views(b.inputs))
 
 
@@ -303,8 +305,10 @@ def checkpoints(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("teacher, student, extra", [("resnet32x4", "resnet8x4", 2 * 131_584),
-                                                     ("wrn_40_2", "ShuffleV1", 2 * (960 * 960 + 960) + 2 * (128 * 128 + 128))])
+@pytest.mark.parametrize("teacher, student, extra", [
+    ("resnet32x4", "resnet8x4", 2 * 131_584),
+    ("wrn_40_2", "ShuffleV1", 2 * (960 * 960 + 960) + 2 * (128 * 128 + 128)),  # student head 960-d, teacher 128-d
+])
 def test_sskd_job_runs_its_head_stage_then_trains(run_job, checkpoints, tmp_path, teacher, student, extra):
     record = run_job(*TINY_SYNTHETIC, f"teacher={teacher}", f"student={student}", "method=sskd",
                      f"teacher.checkpoint={checkpoints[teacher]}", "method.stage_epochs=1")
