@@ -40,6 +40,7 @@ TABLES = {
     "Zheng2024_TTM": ["ttm_cifar100_same", "ttm_cifar100_cross"],
     "Yang2023_NKD": [],  # ImageNet cells only (the CIFAR-100 tables are not transcribed yet)
     "Zhou2021_WSLD": [],  # ImageNet cells only
+    "Xu2020_SSKD": ["sskd_cifar100"],
 }
 # Data sets whose rows a paper CSV may carry before kdbench can run them (no conf/dataset/<name>.yaml yet): their cells
 # are not required to have a job until the data set exists (ImageNet is another issue).
@@ -47,7 +48,7 @@ AWAITING_DATASETS = {"imagenet"} - {p.stem for p in (Path(CONF_DIR) / "dataset")
 DERIVED = {"kd+bias3", "kd+bias78"}  # made from a sweep's records afterwards (python -m kdbench.bias), not by a job
 # Experiments whose students learn from the RepDistiller teachers: one stored teacher per architecture for all.
 CIFAR100_BENCHMARK = ["crd_cifar100_same", "crd_cifar100_cross", "dkd_cifar100_same", "dkd_cifar100_cross",
-                      "dot_cifar100"]
+                      "dot_cifar100", "sskd_cifar100"]
 FULL_PRODUCT_MAX = 6  # larger pair x method sweeps are composed per pair and per method
 
 

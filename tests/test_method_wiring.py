@@ -215,6 +215,15 @@ REFERENCE: dict[str, dict] = {
     "wsld": dict(config={"name": "wsld", "temperature": 4.0, "eps": 1e-7},
                  weights={"ce": 1.0, "wsld": 2.25},
                  attrs={"temperature": 4.0, "eps": 1e-7, "teacher_taps": ("logits",)}),
+    # SSKD (Xu et al. 2020; methods-modern.md "ICKD, SRD, PAD, SSKD"): xuguodong03/SSKD student.py defaults --
+    # weights ce/kd/tf/ss 0.1/0.9/2.7/10, T kd/tf/ss 4/4/0.5, ratio tf/ss 1.0/0.75, head stage --t-epoch 60 --t-lr 0.05
+    "sskd": dict(config={"name": "sskd", "temperature": 4.0, "tf_temperature": 4.0, "ss_temperature": 0.5,
+                         "tf_ratio": 1.0, "ss_ratio": 0.75, "stage_epochs": 60, "stage_lr": 0.05},
+                 weights={"ce": 0.1, "kd": 0.9, "tf": 2.7, "ss": 10.0},
+                 attrs={"kd_temperature": 4.0, "tf_temperature": 4.0, "ss_temperature": 0.5, "tf_ratio": 1.0,
+                        "ss_ratio": 0.75, "stage_epochs": 60, "stage_lr": 0.05, "student_taps": ("embedding",),
+                        "teacher_taps": ("embedding",), "student_head.body.0.in_features": 64,
+                        "teacher_head.body.2.out_features": 64}),
 }
 
 # §1.4: the DKD / ReviewKD warm-up min(epoch / 20, 1) and the terms it scales (CE is never warmed up)
@@ -497,6 +506,21 @@ def exp_wsld(m, pair, b, s, t, ref):
     from kdbench.methods.wsld import wsld_loss
     cfg = ref["config"]
     return {"ce": _ce(s, b), "wsld": wsld_loss(s["logits"], t["logits"], b.targets, cfg["temperature"], cfg["eps"])}
+def exp_sskd(m, pair, b, s, t, ref):
+    """SSKD's loss reads a view batch: rows 4i..4i+3 are image i at 0/90/180/270 degrees (here 8 rows = 2 groups).
+    CE/KD on rows 4i with label y_4i; tf on the other rows (image-major) with their image's label; ss on the heads."""
+    from kdbench.methods.kd import kd_loss
+    from kdbench.methods.sskd import sskd_ss_loss, sskd_tf_loss
+    cfg = ref["config"]
+    orig = torch.arange(BATCH) % 4 == 0
+    y = b.targets[orig]
+    with torch.no_grad():
+        h_t = m.teacher_head(t["embedding"])
+    return {"ce": F.cross_entropy(s["logits"][orig], y),
+            "kd": kd_loss(s["logits"][orig], t["logits"][orig], cfg["temperature"]),
+            "tf": sskd_tf_loss(s["logits"][~orig], t["logits"][~orig], y.repeat_interleave(3), cfg["tf_temperature"],
+                               cfg["tf_ratio"]),
+            "ss": sskd_ss_loss(m.student_head(s["embedding"]), h_t, cfg["ss_temperature"], cfg["ss_ratio"])}
 
 
 EXPECTED_TERMS = {
@@ -507,6 +531,7 @@ EXPECTED_TERMS = {
     "darkrank": exp_darkrank, "vanilla": exp_vanilla,
     "lskd": exp_lskd, "lskd_per_pair": exp_lskd, "dist": exp_dist, "ttm": exp_ttm, "wttm": exp_wttm, "nkd": exp_nkd,
     "uskd": exp_uskd, "wsld": exp_wsld,
+    "darkrank": exp_darkrank, "vanilla": exp_vanilla, "sskd": exp_sskd,
 }
 
 
@@ -527,12 +552,21 @@ def stage_fsp(m, pair, b, s, t):
     return fsp_loss([s["stem"], *_stages(s)], [t["stem"], *_stages(t)], "mean")
 
 
+def stage_sskd(m, pair, b, s, t):
+    """The teacher head's CE over the cosines of the 4 rotations of each image, from one 4N teacher forward."""
+    from kdbench.methods.sskd import rotate_views, ss_head_loss
+    with torch.no_grad():
+        emb = pair.teacher.forward_taps(rotate_views(b.inputs), ("embedding",))["embedding"]
+    return ss_head_loss(m.teacher_head(emb))
+
+
 PRE = ("stage1_pre", "stage2_pre", "stage3_pre")
 FSP_TAPS = ("stem", "stage1", "stage2", "stage3")
 EXPECTED_STAGES = {  # §1.4: AB trains connectors + feature layers, FT the paraphraser only, FSP the student
     "ab": ("ab_init", PRE, PRE, stage_ab, "connectors+features"),
     "ft": ("paraphraser", (), ("stage3",), stage_ft, "paraphraser"),
     "fsp": ("fsp", FSP_TAPS, FSP_TAPS, stage_fsp, "student"),
+    "sskd": ("ss_head", (), ("embedding",), stage_sskd, "teacher_head"),  # SSKD: the teacher's self-supervision head
 }
 
 # Variants that add an optional term or zero a weight, beyond the shipped configs
@@ -684,6 +718,8 @@ def test_pre_training_stages_are_the_reference_ones(name):
     params = {id(p) for p in stage.parameters}
     if trained == "paraphraser":
         assert params == {id(p) for p in method.paraphraser.parameters()}
+    elif trained == "teacher_head":
+        assert params == {id(p) for p in method.teacher_head.parameters()}
     elif trained == "student":
         assert params == {id(p) for p in pair.student.parameters()}
     else:  # AB: connectors + every student parameter but the classifier

@@ -231,7 +231,8 @@ CROSS_ARCH_REFUSES = {"kdsvd", "fsp", "ofd", "reviewkd"}
 NO_TEACHER = {"vanilla", "dml", "tf_kd", "uskd"}
 STAGE_OPTIONS = {"ab": ["method.stage_epochs=1"], "fsp": ["method.stage_epochs=1"],
                  # an untrained teacher's last map is ~1e2 in scale: a tiny paraphraser LR keeps the stage finite
-                 "ft": ["method.stage_epochs=1", "method.stage_lr=1e-6"]}
+                 "ft": ["method.stage_epochs=1", "method.stage_lr=1e-6"],
+                 "sskd": ["method.stage_epochs=1"]}
 CROSS_ARCH_PAIR = {"tf_kd_self": ("MobileNetV2", "MobileNetV2"), "ban": ("MobileNetV2", "MobileNetV2")}
 
 
