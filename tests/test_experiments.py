@@ -37,13 +37,15 @@ TABLES = {
     "Hinton2015": ["hinton_mnist", "hinton_mnist_no3", "hinton_mnist_only78"],
     "Jin2023_MLKD": ["mlkd_cifar100_same", "mlkd_cifar100_cross", "mlkd_cifar100_cross_960ep"],
     "Li2023_CTKD": ["ctkd_cifar100"],
+    # the LSKD paper's +LS rows of the plug-in methods (the KD+LS rows belong to the lskd method's own file)
+    "Sun2024_LSKD_plugins": ["lskd_cifar100_dkd", "lskd_cifar100_mlkd", "lskd_cifar100_ctkd"],
 }
 DERIVED = {"kd+bias3", "kd+bias78"}  # made from a sweep's records afterwards (python -m kdbench.bias), not by a job
 NO_JOBS_DATASETS = {"imagenet"}  # cells a paper reports for reference on data kdbench does not train on
 # Experiments whose students learn from the RepDistiller teachers: one stored teacher per architecture for all.
 CIFAR100_BENCHMARK = ["crd_cifar100_same", "crd_cifar100_cross", "dkd_cifar100_same", "dkd_cifar100_cross",
                       "dot_cifar100", "mlkd_cifar100_same", "mlkd_cifar100_cross", "mlkd_cifar100_cross_960ep",
-                      "ctkd_cifar100"]
+                      "ctkd_cifar100", "lskd_cifar100_dkd", "lskd_cifar100_mlkd", "lskd_cifar100_ctkd"]
 FULL_PRODUCT_MAX = 6  # larger pair x method sweeps are composed per pair and per method
 
 
