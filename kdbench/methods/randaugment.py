@@ -113,11 +113,13 @@ def contrast(x, v):
 def equalize(x, v=None):
     n, c, h, w = x.shape
     flat = x.reshape(n * c, h * w).long()
-    hist = torch.zeros(n * c, 256, device=x.device, dtype=torch.long).scatter_add_(1, flat, torch.ones_like(flat))
+    # histograms by sorting (deterministic on every device, unlike an atomic scatter-add): below[:, k] = #pixels < k
+    edges = torch.arange(257, device=x.device).expand(n * c, 257).contiguous()
+    below = torch.searchsorted(torch.sort(flat, dim=1).values, edges)
+    hist, cum = below[:, 1:] - below[:, :-1], below[:, :-1]  # per-bin counts; pixels in the bins below
     last = 255 - torch.flip(hist > 0, dims=[1]).long().argmax(1)  # the last non-empty bin
     step = (h * w - hist.gather(1, last[:, None]).squeeze(1)) // 255
     safe = step.clamp_min(1)[:, None]
-    cum = torch.cumsum(hist, 1) - hist  # pixels in the bins below
     lut = ((safe // 2 + cum) // safe).clamp(max=255)
     out = lut.gather(1, flat).to(x.dtype)
     keep = (step == 0)[:, None]  # one non-empty bin, or too few pixels outside the last: identity (PIL)
