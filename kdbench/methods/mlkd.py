@@ -1,5 +1,6 @@
-"""Jin, Wang & Lin 2023, "Multi-Level Logit Distillation" (CVPR; Jin-Ying/Multi-Level-Logit-Distillation at commit
-6327e733 "init commit", 2023-03-22, mdistiller/distillers/KD_ours.py `KD_ours.forward_train`, SOLVER.TRAINER "ours").
+"""Jin, Wang & Lin 2023, "Multi-Level Logit Distillation" (CVPR; Jin-Ying/Multi-Level-Logit-Distillation pinned at
+77b91ec7, 2023-03-28, whose loss and data code are the init commit 6327e733's; mdistiller/distillers/KD_ours.py
+`KD_ours.forward_train`, SOLVER.TRAINER "ours").
 
 Two views per batch: the weak one (the loader's crop + flip, batch.inputs) and a strong one built here (RandAugment(2,
 10) FixMatch-style + Cutout, kdbench.methods.randaugment, drawn on the device from a generator seeded per epoch with
@@ -141,6 +142,7 @@ class MLKD(Method):
     view's logits under the outputs key `strong_logits`."""
 
     teacher_taps = ("logits",)
+    task_terms = ("ce", "ce_strong")  # both views' label terms (for step policies that separate the task, DOT)
 
     def __init__(self, cfg, pair):
         super().__init__(cfg, pair)

@@ -1,8 +1,8 @@
 """FixMatch-style RandAugment + Cutout on batches of image tensors, on their own device (no PIL, no per-sample loop).
 Not a method (nothing registers here): MLKD builds its strong view with it.
 
-What it reproduces: `RandAugment(2, 10)` of Jin-Ying/Multi-Level-Logit-Distillation (commit 6327e733,
-mdistiller/dataset/cifar100.py; the FixMatch implementation it copies), applied to PIL uint8 images:
+What it reproduces: `RandAugment(2, 10)` of Jin-Ying/Multi-Level-Logit-Distillation (mdistiller/dataset/cifar100.py,
+the same at 6327e733 and 77b91ec7; the FixMatch implementation it copies), applied to PIL uint8 images:
   - per image, n_ops = 2 operations drawn uniformly WITH replacement (random.choices) from the 14 below, each at a
     magnitude drawn uniformly from its range (the "10" of RandAugment(2, 10) is unused: "deprecated" in the code);
   - then Cutout: a square of side v * 32 px, v ~ U[0, 0.5), centred at (U[0, W), U[0, H)), top-left corner

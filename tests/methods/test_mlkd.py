@@ -433,3 +433,9 @@ def test_mlkd_job_trains_resnet32x4_students_on_synthetic_cifar(run_job, random_
     assert record["status"] == "completed" and len(record["history"]) == 1 and record["method"] == "mlkd"
     assert set(record["history"][0]["train"]) == {"loss", *method_options("mlkd").weights}
     assert record["extra_params"] == 0 and 0 <= record["last_top1"] <= 100
+
+
+def test_both_views_cross_entropies_are_the_task_terms():
+    method, _ = build()
+    terms = {k: torch.tensor(1.0) for k in method.term_weights(1)}
+    close(method.task_loss(terms, 1), 0.2)  # 0.1 CE + 0.1 CE_strong
