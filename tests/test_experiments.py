@@ -41,6 +41,10 @@ TABLES = {
     "Yang2023_NKD": [],  # ImageNet cells only (the CIFAR-100 tables are not transcribed yet)
     "Zhou2021_WSLD": [],  # ImageNet cells only
     "Xu2020_SSKD": ["sskd_cifar100"],
+    "Jin2023_MLKD": ["mlkd_cifar100_same", "mlkd_cifar100_cross", "mlkd_cifar100_cross_960ep"],
+    "Li2023_CTKD": ["ctkd_cifar100"],
+    # the LSKD paper's +LS rows of the plug-in methods (the KD+LS rows belong to the lskd method's own file)
+    "Sun2024_LSKD_plugins": ["lskd_cifar100_dkd", "lskd_cifar100_mlkd", "lskd_cifar100_ctkd"],
 }
 # Data sets whose rows a paper CSV may carry before kdbench can run them (no conf/dataset/<name>.yaml yet): their cells
 # are not required to have a job until the data set exists (ImageNet is another issue).
@@ -48,7 +52,9 @@ AWAITING_DATASETS = {"imagenet"} - {p.stem for p in (Path(CONF_DIR) / "dataset")
 DERIVED = {"kd+bias3", "kd+bias78"}  # made from a sweep's records afterwards (python -m kdbench.bias), not by a job
 # Experiments whose students learn from the RepDistiller teachers: one stored teacher per architecture for all.
 CIFAR100_BENCHMARK = ["crd_cifar100_same", "crd_cifar100_cross", "dkd_cifar100_same", "dkd_cifar100_cross",
-                      "dot_cifar100", "sskd_cifar100"]
+                      "dot_cifar100", "sskd_cifar100", "mlkd_cifar100_same", "mlkd_cifar100_cross",
+                      "mlkd_cifar100_cross_960ep", "ctkd_cifar100", "lskd_cifar100_dkd", "lskd_cifar100_mlkd",
+                      "lskd_cifar100_ctkd"]
 FULL_PRODUCT_MAX = 6  # larger pair x method sweeps are composed per pair and per method
 
 

@@ -45,9 +45,10 @@ RTOL, ATOL = 1e-5, 1e-7
 
 REFERENCE: dict[str, dict] = {
     # §1.3 KD row, §2.1: T 4, CE 0.1, KD 0.9 (RD -r 0.1 -a 0.9; MD CE 0.1, KD 0.9)
-    "kd": dict(config={"name": "kd", "temperature": 4.0},
+    # (+ LSKD's logit_standardization option, off by default: methods-modern.md "LSKD")
+    "kd": dict(config={"name": "kd", "temperature": 4.0, "logit_standardization": False},
                weights={"ce": 0.1, "kd": 0.9},
-               attrs={"kd_temperature": 4.0}),
+               attrs={"kd_temperature": 4.0, "logit_standardization": False}),
     # §1.3 FitNet row, §2.2: gamma 1, beta 100, hint layer 2 (= feat[2] = stage2 on both nets)
     "fitnet": dict(config={"name": "fitnet", "hint_layer": "stage2"},
                    weights={"ce": 1.0, "hint": 100.0},
@@ -129,11 +130,12 @@ REFERENCE: dict[str, dict] = {
                      attrs={"warmup_epochs": 20.0, "student_taps": ("stage1", "stage2", "stage3", "embedding"),
                             "teacher_taps": ("stage1_pre", "stage2_pre", "stage3_pre", "embedding")}),
     # §1.3 DKD row, §1.4 warm-up 20, §2.17: CE 1, alpha 1, beta 8 (res32x4 -> res8x4 default), T 4
-    "dkd": dict(config={"name": "dkd", "temperature": 4.0, "warmup_epochs": 20},
+    "dkd": dict(config={"name": "dkd", "temperature": 4.0, "warmup_epochs": 20, "logit_standardization": False},
                 weights={"ce": 1.0, "tckd": 1.0, "nckd": 8.0},
-                attrs={"temperature": 4.0, "warmup_epochs": 20.0}),
+                attrs={"temperature": 4.0, "warmup_epochs": 20.0, "logit_standardization": False}),
     # §2.17 per-pair beta table (+ MD issue #6: ResNet50 -> wrn_16_2 beta 6); composed for resnet56 -> resnet20 (beta 2)
     "dkd_per_pair": dict(config={"name": "dkd", "label": "dkd", "temperature": 4.0, "warmup_epochs": 20,
+                                 "logit_standardization": False,
                                  "beta_by_pair": {"resnet32x4": {"resnet8x4": 8.0, "ShuffleV1": 8.0, "ShuffleV2": 8.0},
                                                   "wrn_40_2": {"ShuffleV1": 8.0, "wrn_16_2": 6.0, "wrn_40_1": 6.0},
                                                   "ResNet50": {"MobileNetV2": 8.0, "wrn_16_2": 6.0},
@@ -224,6 +226,27 @@ REFERENCE: dict[str, dict] = {
                         "ss_ratio": 0.75, "stage_epochs": 60, "stage_lr": 0.05, "student_taps": ("embedding",),
                         "teacher_taps": ("embedding",), "student_head.body.0.in_features": 64,
                         "teacher_head.body.2.out_features": 64}),
+    # ---- post-2021 logit methods: pinned to methods-modern.md and the reference code cited in their YAMLs
+    # MLKD (Jin-Ying/Multi-Level-Logit-Distillation @ 77b91ec7, KD_ours.py; mdistiller cfg T 4, CE 0.1, KD 0.9): five
+    # levels [T, 3, 5, 2, 6], masks scale the batch means, the strong T = 2/6 terms on the weak logits, the strong
+    # cc/bc terms never added (weight 0); RandAugment(2, 10) + Cutout 0.5 for the strong view
+    "mlkd": dict(config={"name": "mlkd", "temperature": 4.0, "extra_temperatures": [3.0, 5.0, 2.0, 6.0],
+                         "mask_mode": "scale", "strong_copy_paste": True, "logit_standardization": False,
+                         "randaugment_ops": 2, "cutout": 0.5},
+                 weights={"ce": 0.1, "ce_strong": 0.1, "kd_weak": 0.9, "kd_strong": 0.9, "cc_weak": 0.9,
+                          "bc_weak": 0.9, "cc_strong": 0.0, "bc_strong": 0.0},
+                 attrs={"temperatures": (4.0, 3.0, 5.0, 2.0, 6.0), "mask_mode": "scale", "strong_copy_paste": True,
+                        "logit_standardization": False, "n_ops": 2, "cutout": 0.5, "teacher_taps": ("logits",)}),
+    # CTKD (zhengli97/CTKD run_cifar_distill.sh: -r 0.1 -a 0.9, Global_T init 1, t_start 1, t_end 20, cosine
+    # lambda 0 -> -1 over 10 epochs); the temperature logged with weight 0
+    "ctkd": dict(config={"name": "ctkd", "temperature_module": "global", "t_start": 1.0, "t_end": 20.0, "init": 1.0,
+                         "lambda_max": 0.0, "lambda_min": -1.0, "lambda_loops": 10, "instance_hidden": 256,
+                         "teacher_eps": None, "logit_standardization": False},
+                 weights={"ce": 0.1, "kd": 0.9, "temperature": 0.0},
+                 attrs={"temperature_module.kind": "global", "temperature_module.t_start": 1.0,
+                        "temperature_module.t_end": 20.0, "temperature_module.lambda_max": 0.0,
+                        "temperature_module.lambda_min": -1.0, "temperature_module.lambda_loops": 10.0,
+                        "teacher_eps": 0.0, "logit_standardization": False}),
 }
 
 # §1.4: the DKD / ReviewKD warm-up min(epoch / 20, 1) and the terms it scales (CE is never warmed up)
@@ -265,6 +288,8 @@ def build(name: str, *overrides: str, seed: int = 0):
     method = create_method(composed(name, *overrides), pair)
     batch = make_batch(BATCH, NUM_CLASSES, SHAPE)
     s_out, t_out = forward(pair, method, batch, method.student_taps, method.teacher_taps)
+    if name in EXTRA_VIEWS:
+        s_out, t_out = EXTRA_VIEWS[name](pair, method, batch, s_out, t_out)
     return method, pair, batch, s_out, t_out
 
 
@@ -276,6 +301,21 @@ def forward(pair, method, batch, student_taps, teacher_taps):
         with torch.no_grad():
             t_out = pair.teacher.forward_taps(batch.inputs, teacher_taps)
     return s_out, t_out
+
+
+def mlkd_views(pair, method, batch, s_out, t_out):
+    """MLKD's forward_loss runs both nets on a strong view too: its logits under `strong_logits` on both sides."""
+    from kdbench.methods.mlkd import STRONG
+    strong = method.strong_inputs(batch.inputs, 1)
+    with torch.no_grad():
+        t_strong = pair.teacher.forward_taps(strong, method.teacher_taps)["logits"]
+    return {**s_out, STRONG: pair.student.forward_taps(strong, method.student_taps)["logits"]}, {**t_out, STRONG: t_strong}
+
+
+# Methods that own their forward (a second view of the batch): how build() adds the extra outputs their terms read
+EXTRA_VIEWS = {"mlkd": mlkd_views}
+# Logged terms that do not involve the teacher (the strong view's CE, a learned temperature)
+TEACHER_FREE_TERMS = {"mlkd": {"ce_strong"}, "ctkd": {"temperature"}}
 
 
 def ramp(name: str, term: str, epoch: int) -> float:
@@ -521,6 +561,19 @@ def exp_sskd(m, pair, b, s, t, ref):
             "tf": sskd_tf_loss(s["logits"][~orig], t["logits"][~orig], y.repeat_interleave(3), cfg["tf_temperature"],
                                cfg["tf_ratio"]),
             "ss": sskd_ss_loss(m.student_head(s["embedding"]), h_t, cfg["ss_temperature"], cfg["ss_ratio"])}
+def exp_mlkd(m, pair, b, s, t, ref):
+    from kdbench.methods.mlkd import STRONG, mlkd_terms
+    cfg = ref["config"]
+    temps = (cfg["temperature"], *cfg["extra_temperatures"])
+    return {"ce": _ce(s, b), **mlkd_terms(s["logits"], s[STRONG], t["logits"], t[STRONG], b.targets, temps,
+                                          cfg["mask_mode"], cfg["strong_copy_paste"], cfg["logit_standardization"])}
+
+
+def exp_ctkd(m, pair, b, s, t, ref):
+    """The temperature from the method's own module (at the test's epoch 240: lambda -1, which changes no value)."""
+    from kdbench.methods.ctkd import temperature_kd_loss
+    temp = m.temperature_module(s["logits"], t["logits"], 240)
+    return {"ce": _ce(s, b), "kd": temperature_kd_loss(s["logits"], t["logits"], temp), "temperature": temp.mean()}
 
 
 EXPECTED_TERMS = {
@@ -528,10 +581,9 @@ EXPECTED_TERMS = {
     "vid": exp_vid, "rkd": exp_rkd, "pkt": exp_pkt, "ab": exp_ab, "ft": exp_ft, "fsp": exp_fsp, "nst": exp_nst,
     "crd": exp_crd, "crd_kd": exp_crd, "kdsvd": exp_kdsvd, "ofd": exp_ofd, "reviewkd": exp_reviewkd, "dkd": exp_dkd,
     "dkd_per_pair": exp_dkd, "tf_kd": exp_tf_kd, "dml": exp_dml, "cond_ts": exp_cond_ts, "logit_l2": exp_logit_l2,
-    "darkrank": exp_darkrank, "vanilla": exp_vanilla,
+    "darkrank": exp_darkrank, "vanilla": exp_vanilla, "sskd": exp_sskd, "mlkd": exp_mlkd, "ctkd": exp_ctkd,
     "lskd": exp_lskd, "lskd_per_pair": exp_lskd, "dist": exp_dist, "ttm": exp_ttm, "wttm": exp_wttm, "nkd": exp_nkd,
     "uskd": exp_uskd, "wsld": exp_wsld,
-    "darkrank": exp_darkrank, "vanilla": exp_vanilla, "sskd": exp_sskd,
 }
 
 
@@ -575,6 +627,11 @@ VARIANTS = [(name, ()) for name in METHOD_YAMLS] + [
     ("kd", ("method.weights.ce=0",)),  # soft targets only: ce logged, not summed
     ("dkd", ("method.weights.tckd=0",)),  # a warmed-up term with weight 0
     *[(name, ("+method.weights.kd=0.5",)) for name in OPTIONAL_KD],  # OptionalKD's Hinton term (never warmed up)
+    ("kd", ("method.logit_standardization=true",)),  # LSKD's KD+LS: KD.terms() makes the kd term
+    ("dkd", ("method.logit_standardization=true",)),
+    ("mlkd", ("method.mask_mode=select", "method.strong_copy_paste=false", "method.weights.cc_strong=0.9",
+              "method.weights.bc_strong=0.9")),  # the paper variant: the strong cc/bc terms summed
+    ("ctkd", ("method.temperature_module=instance",)),
 ]
 
 
@@ -594,7 +651,8 @@ def test_every_method_config_has_an_entry_in_every_wiring_table():
     assert len(METHOD_YAMLS) >= 27
     for table, what in ((REFERENCE, "REFERENCE"), (EXPECTED_TERMS, "EXPECTED_TERMS")):
         assert sorted(table) == METHOD_YAMLS, f"{what} does not cover exactly conf/method/*.yaml"
-    for name in list(WARMED_TERMS) + list(SETUP) + list(EXPECTED_STAGES) + OPTIONAL_KD:
+    for name in list(WARMED_TERMS) + list(SETUP) + list(EXPECTED_STAGES) + OPTIONAL_KD + list(EXTRA_VIEWS) \
+            + list(TEACHER_FREE_TERMS):
         assert name in METHOD_YAMLS, f"{name} is in a wiring table but has no conf/method/{name}.yaml"
 
 
@@ -696,7 +754,7 @@ def test_distillation_terms_depend_on_the_teacher_outputs(name):
     t_other = {k: torch.randn(v.shape, generator=gen) * (v.std() + 1e-3) + v.mean() for k, v in t_out.items()}
     torch.manual_seed(5)
     _, terms_other = twin.loss(batch, s_out, t_other, 240)
-    for k in set(terms) - {"ce"}:
+    for k in set(terms) - {"ce"} - TEACHER_FREE_TERMS.get(name, set()):
         assert not torch.allclose(terms[k], terms_other[k]), f"{name}: term '{k}' ignores the teacher"
 
 

@@ -10,6 +10,7 @@ or a small nn.Module, so methods and tests import them from one place. Not a met
   - stage_pairs(...)         which taps a method pairs up (stage lists aligned the way RepDistiller/mdistiller align
                              them), with errors that name the method, both models and the offending shapes
   - classifier_parameters / feature_parameters, warmup_factor (DKD/ReviewKD's linear ramp)
+  - standardize_logits(z)    LSKD's logit Z-score (the logit_standardization option of kd, dkd, mlkd, ctkd)
 """
 from __future__ import annotations
 
@@ -182,3 +183,14 @@ def warmup_factor(epoch: int, warmup_epochs: float) -> float:
     """mdistiller's linear ramp min(epoch / warmup, 1) for 1-indexed epochs (0 warm-up epochs = off)."""
     return 1.0 if warmup_epochs <= 0 else min(epoch / warmup_epochs, 1.0)
 
+
+
+def standardize_logits(z: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    """LSKD's Z-score of each row of logits (Sun et al. CVPR 2024, logit-standardization-KD `normalize`):
+
+        Z(z) = (z - mean_c z) / (eps + std_c z),   std unbiased (N - 1), eps added to the std (not under the root).
+
+    A plain function of the (N, C) logits; the `logit_standardization` option of kd, dkd, mlkd and ctkd applies it to
+    both the student's and the teacher's logits inside their KD-type terms only (CE keeps the raw logits).
+    """
+    return (z - z.mean(dim=-1, keepdim=True)) / (eps + z.std(dim=-1, keepdim=True))

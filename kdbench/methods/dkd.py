@@ -6,12 +6,18 @@ With p = softmax(z / T) (T = 4):
          by subtracting 1000 from z/T at the target class (student side via log_softmax).
 total = ce * CE + min(epoch / 20, 1) * (tckd * TCKD + nckd * NCKD), with ce 1, tckd (alpha) 1, nckd (beta) 8.
 The warm-up scales both DKD terms per epoch (1-indexed; term_weights), CE is not warmed up.
+
+Option `logit_standardization` (default false): LSKD's DKD+LS (Sun et al. CVPR 2024, logit-standardization-KD
+`mdistiller/distillers/DKD.py` `dkd_loss`): both logits are Z-scored (kdbench.methods.common.standardize_logits) before
+the TCKD/NCKD split, the -1000 target trick and the sum / N reduction unchanged; CE keeps the raw logits. The LSKD
+repo's CIFAR-100 flags (--logit-stand --base-temp 2 --kd-weight 9) give temperature 2, tckd (alpha) 1 * 9 = 9, nckd
+(beta) 8 * 9 = 72, ce 1 and the 20-epoch warm-up; they are not the defaults here (set them in the run).
 """
 import torch
 import torch.nn.functional as F
 
 from kdbench.distill import Method, register_method
-from kdbench.methods.common import warmup_factor
+from kdbench.methods.common import standardize_logits, warmup_factor
 
 
 def _target_mask(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -47,9 +53,12 @@ class DKD(Method):
         super().__init__(cfg, pair)
         self.temperature = float(cfg.get("temperature", 4.0))
         self.warmup_epochs = float(cfg.get("warmup_epochs", 20))
+        self.logit_standardization = bool(cfg.get("logit_standardization", False))
 
     def terms(self, batch, student, teacher):
         z_s, z_t, y = student["logits"], teacher["logits"], batch.targets
+        if self.logit_standardization:
+            z_s, z_t = standardize_logits(z_s), standardize_logits(z_t.detach())
         return {"tckd": tckd_loss(z_s, z_t, y, self.temperature),
                 "nckd": nckd_loss(z_s, z_t, y, self.temperature)}
 
