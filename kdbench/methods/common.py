@@ -185,12 +185,14 @@ def warmup_factor(epoch: int, warmup_epochs: float) -> float:
 
 
 
-def standardize_logits(z: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+def standardize_logits(z: torch.Tensor, eps: float = 1e-7, unbiased: bool = True) -> torch.Tensor:
     """LSKD's Z-score of each row of logits (Sun et al. CVPR 2024, logit-standardization-KD `normalize`):
 
-        Z(z) = (z - mean_c z) / (eps + std_c z),   std unbiased (N - 1), eps added to the std (not under the root).
+        Z(z) = (z - mean_c z) / (eps + std_c z),   std unbiased (N - 1) as torch.std, eps added to the std (not
+                                                   under the root), so a constant row maps to zeros, not NaN.
 
-    A plain function of the (N, C) logits; the `logit_standardization` option of kd, dkd, mlkd and ctkd applies it to
-    both the student's and the teacher's logits inside their KD-type terms only (CE keeps the raw logits).
+    A plain function of the (N, C) logits; `lskd` and the `logit_standardization` option of kd, dkd, mlkd and ctkd
+    apply it to both the student's and the teacher's logits inside their KD-type terms only (CE keeps the raw
+    logits). `unbiased=False` divides by N instead.
     """
-    return (z - z.mean(dim=-1, keepdim=True)) / (eps + z.std(dim=-1, keepdim=True))
+    return (z - z.mean(dim=-1, keepdim=True)) / (eps + z.std(dim=-1, keepdim=True, unbiased=unbiased))

@@ -22,19 +22,7 @@ import torch.nn.functional as F
 
 from kdbench.distill import Method, register_method
 from kdbench.errors import KDBenchError
-
-
-def standardize_logits(z: torch.Tensor, eps: float = 1e-7, unbiased: bool = True) -> torch.Tensor:
-    """Z-score each row of `z` (shape (B, K), classes on the last dim): (z - mean) / (eps + std).
-
-    `std` is the unbiased (N - 1) standard deviation over the classes, as torch.std and the LSKD code use; eps is added
-    to the std (not under the square root), so a constant row maps to zeros instead of NaN. `unbiased=False` divides by
-    N instead. Differentiable; apply it to the teacher's detached logits for a detached target. This is the
-    preprocessing the LSKD paper plugs into KD, DKD, MLKD and CTKD: standardize both sides' logits, then divide by T.
-    """
-    mean = z.mean(dim=-1, keepdim=True)
-    std = z.std(dim=-1, keepdim=True, unbiased=unbiased)
-    return (z - mean) / (eps + std)
+from kdbench.methods.common import standardize_logits  # noqa: F401  (also importable from here)
 
 
 def lskd_loss(z_s: torch.Tensor, z_t: torch.Tensor, temperature: float, eps: float = 1e-7,
