@@ -91,7 +91,10 @@ class PairInfo:
 
 @dataclass
 class Stage:
-    """A pre-training stage: `epochs` of SGD at a constant `lr` over `parameters`, minimising `loss` (no CE)."""
+    """A pre-training stage: `epochs` of SGD over `parameters` minimising `loss` (no CE), at `lr` times gamma per
+    milestone passed (the step rule: constant when there are none). A stage whose loss reads no student output
+    (`uses_student=False`: FT's paraphraser, SSKD's teacher head) runs no student forward, so the student's BatchNorm
+    statistics stay as they are, as RepDistiller's init stage keeps its student in eval mode."""
 
     name: str
     epochs: int
@@ -102,6 +105,12 @@ class Stage:
     teacher_taps: tuple[str, ...] = ()
     momentum: float = 0.9
     weight_decay: float = 5e-4
+    milestones: tuple[int, ...] = ()
+    gamma: float = 0.1
+    uses_student: bool = True
+
+    def lr_at(self, epoch: int) -> float:
+        return self.lr * self.gamma ** sum(epoch > m for m in self.milestones)
 
 
 class StageStep:
@@ -117,7 +126,7 @@ class StageStep:
     def train_step(self, batch: Batch, step) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         with step.autocast():
             teacher = step.teacher(batch) if step.teacher is not None else None
-            student = step.forward(batch.inputs, self.stage.student_taps)
+            student = step.forward(batch.inputs, self.stage.student_taps) if self.stage.uses_student else None
             total = self.stage.loss(batch, student, teacher)
         terms = {self.stage.name: total}
         step.update(self, total, terms)
@@ -132,6 +141,7 @@ class Method(nn.Module):
     teacher_taps: tuple[str, ...] = ()
     needs_teacher: bool = True
     teacher_train_mode: bool = False  # MD's OFD runs the teacher's BN in train mode
+    teacher_cache: bool = True  # False: its teacher outputs come from views of its own (SSKD), never from a cache
     task_terms: tuple[str, ...] = ("ce",)  # the terms a step policy that separates them (DOT) treats as the task
 
     def __init__(self, cfg, pair: PairInfo):

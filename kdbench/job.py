@@ -310,7 +310,7 @@ def _train(job: Job, out_dir: Path, record: RunRecord, logger) -> TapModel:
         outputs = TeacherOutputs(teacher, method.teacher_taps, method.teacher_train_mode)
         exact = cache_is_exact(data.train_loader.augment.active, method.teacher_train_mode)
         fits = cache_bytes(teacher_shapes, method.teacher_taps, len(data.train)) <= tr.teacher_cache_gb * 2**30
-        if tr.teacher_cache and exact and fits:
+        if tr.teacher_cache and method.teacher_cache and exact and fits:
             outputs.build_cache(data.train_loader, lambda: autocast(device, tr.precision))
     record.update(student_params=count_parameters(student), extra_params=count_parameters(method),
                   teacher_cache=outputs is not None and outputs.cached)
@@ -336,7 +336,7 @@ def _fit(job: Job, student: TapModel, method: Method, outputs: Optional[TeacherO
         run = Run(student, StageStep(stage, method), outputs.with_taps(stage.teacher_taps) if outputs else None,
                   data.train_loader, constant_sgd_step(stage.parameters, stage.lr, stage.momentum, stage.weight_decay),
                   job.seed + STAGE_SEED_OFFSET, tr.precision)
-        fit(run, range(1, stage.epochs + 1), lambda epoch, lr=stage.lr: lr,
+        fit(run, range(1, stage.epochs + 1), stage.lr_at,
             progress=f"{method.method_name}:{stage.name}" if tr.progress else None)
         stages_done.append(stage.name)
         save_torch(ckpt_path, {"epoch": 0, "stages_done": stages_done, "student": student.state_dict(),

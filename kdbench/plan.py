@@ -23,6 +23,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from kdbench.data import planned_train_size
+from kdbench.distill import method_class
 from kdbench.io import write_json
 from kdbench.job import Job, ModelSpec
 from kdbench.models import create_model
@@ -56,7 +57,8 @@ def forward_flops(model: ModelSpec, dataset) -> int:
 def teacher_outputs_cached(job: Job) -> bool:
     """Whether the run would cache its teacher's outputs (the conditions the run checks before the size budget)."""
     augmented = bool(job.dataset.crop_padding) or bool(job.dataset.hflip)
-    return job.trainer.teacher_cache and cache_is_exact(augmented, job.teacher_train_mode)
+    cacheable = method_class(job.method.name).teacher_cache
+    return job.trainer.teacher_cache and cacheable and cache_is_exact(augmented, job.teacher_train_mode)
 
 
 def plan_job(job: Job) -> dict:

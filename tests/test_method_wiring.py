@@ -220,10 +220,12 @@ REFERENCE: dict[str, dict] = {
     # SSKD (Xu et al. 2020; methods-modern.md "ICKD, SRD, PAD, SSKD"): xuguodong03/SSKD student.py defaults --
     # weights ce/kd/tf/ss 0.1/0.9/2.7/10, T kd/tf/ss 4/4/0.5, ratio tf/ss 1.0/0.75, head stage --t-epoch 60 --t-lr 0.05
     "sskd": dict(config={"name": "sskd", "temperature": 4.0, "tf_temperature": 4.0, "ss_temperature": 0.5,
-                         "tf_ratio": 1.0, "ss_ratio": 0.75, "stage_epochs": 60, "stage_lr": 0.05},
+                         "tf_ratio": 1.0, "ss_ratio": 0.75, "stage_epochs": 60, "stage_lr": 0.05,
+                         "stage_milestones": [30, 45]},
                  weights={"ce": 0.1, "kd": 0.9, "tf": 2.7, "ss": 10.0},
                  attrs={"kd_temperature": 4.0, "tf_temperature": 4.0, "ss_temperature": 0.5, "tf_ratio": 1.0,
-                        "ss_ratio": 0.75, "stage_epochs": 60, "stage_lr": 0.05, "student_taps": ("embedding",),
+                        "ss_ratio": 0.75, "stage_epochs": 60, "stage_lr": 0.05, "stage_milestones": (30, 45),
+                        "teacher_cache": False, "student_taps": ("embedding",),
                         "teacher_taps": ("embedding",), "student_head.body.0.in_features": 64,
                         "teacher_head.body.2.out_features": 64}),
     # ---- post-2021 logit methods: pinned to methods-modern.md and the reference code cited in their YAMLs
@@ -771,7 +773,10 @@ def test_pre_training_stages_are_the_reference_ones(name):
     (stage,) = stages
     ref = REFERENCE[name]
     assert (stage.name, stage.epochs, stage.lr) == (stage_name, ref["config"]["stage_epochs"], ref["attrs"]["stage_lr"])
-    assert (stage.momentum, stage.weight_decay) == (0.9, 5e-4)  # §1.4: SGD momentum 0.9, wd 5e-4, constant LR
+    assert (stage.momentum, stage.weight_decay) == (0.9, 5e-4)  # §1.4: SGD momentum 0.9, wd 5e-4
+    assert tuple(stage.milestones) == tuple(ref["attrs"].get("stage_milestones", ()))  # constant LR unless decayed
+    # a stage that trains no student parameter runs no student forward (its BN statistics stay, as RD's eval mode)
+    assert stage.uses_student == (trained not in ("paraphraser", "teacher_head"))
     assert tuple(stage.student_taps) == s_taps and tuple(stage.teacher_taps) == t_taps
     params = {id(p) for p in stage.parameters}
     if trained == "paraphraser":

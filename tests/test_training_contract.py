@@ -94,6 +94,16 @@ def test_a_pre_training_stage_trains_the_student_then_main_training_runs_as_usua
     assert not any(c[1] for c in calls_of(probe_calls, "teacher"))
 
 
+def test_a_stage_that_trains_no_student_part_runs_no_student_forward(tmp_path, probe_calls, teacher_checkpoint):
+    """FT's paraphraser stage: only the teacher is read, so the student's BatchNorm statistics stay untouched (as in
+    RepDistiller, whose init stage keeps the student in eval mode)."""
+    rec = probe_run(tmp_path, "method=ft", "method.stage_epochs=1", "dataset.crop_padding=1",
+                    teacher_checkpoint=teacher_checkpoint)
+    assert rec["status"] == "completed"
+    assert [c[3] for c in calls_of(probe_calls, "student", grad=True)] == TRAIN_BATCHES * 2  # main epochs only
+    assert len(calls_of(probe_calls, "teacher", sizes=set(TRAIN_BATCHES))) == len(TRAIN_BATCHES) * 3
+
+
 # ----------------------------------------------------------------------------- the record's summary
 
 

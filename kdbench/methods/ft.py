@@ -122,7 +122,7 @@ class FT(Method):
         def loss(batch, s, t):
             return paraphraser_loss(self.paraphraser(t[self.t_tap]), t[self.t_tap])
 
-        return [Stage(name="paraphraser", epochs=self.stage_epochs, lr=self.stage_lr,
+        return [Stage(name="paraphraser", epochs=self.stage_epochs, lr=self.stage_lr, uses_student=False,
                       parameters=list(self.paraphraser.parameters()), loss=loss, teacher_taps=self.teacher_taps)]
 
     def trainable_parameters(self):

@@ -18,8 +18,8 @@ at 1e-8 (F.cosine_similarity's eps).
 
 Stage 'ss_head' (`stage_epochs` 60, `stage_lr` 0.05, SGD momentum 0.9, weight decay 5e-4; student.py --t-epoch,
 --t-lr): the frozen teacher embeds the 4N views and only its head is trained, on CE(S_t, own image) -- plain
-cross-entropy over the cosines, no temperature -- averaged over the 3N rows. The reference decays this LR x0.1 after
-epochs 30 and 45 (--t-milestones); kdbench's Stage runs at a constant LR, so the head trains at 0.05 throughout.
+cross-entropy over the cosines, no temperature -- averaged over the 3N rows; the LR decays x0.1 after epochs 30 and 45
+(`stage_milestones`, --t-milestones). The stage runs no student forward (the student is not trained in it).
 
 Error-tolerant selection: for scores (R, C) and a positive column per row, rank_r = #{c : score_rc > score_r,pos}
 (the position of the positive in the descending order; ties count in its favour). Rows with rank 0 ("correct")
@@ -179,6 +179,7 @@ def _ratio(cfg, key: str, default: float) -> float:
 class SSKD(Method):
     student_taps = ("embedding",)
     teacher_taps = ("embedding",)
+    teacher_cache = False  # the teacher sees the four rotations of each batch, live
 
     def __init__(self, cfg, pair):
         super().__init__(cfg, pair)
@@ -194,6 +195,7 @@ class SSKD(Method):
         self.ss_ratio = _ratio(cfg, "ss_ratio", 0.75)
         self.stage_epochs = int(cfg.get("stage_epochs", 60))
         self.stage_lr = float(cfg.get("stage_lr", 0.05))
+        self.stage_milestones = tuple(int(m) for m in cfg.get("stage_milestones", (30, 45)))
         self.student_head = SSHead(flat_dim(pair.student_shapes["embedding"]))
         self.teacher_head = SSHead(flat_dim(pair.teacher_shapes["embedding"]))
 
@@ -212,8 +214,9 @@ class SSKD(Method):
                 rotated = teacher.forward_taps(quarter_turns(batch.inputs), ("embedding",))["embedding"]
             return ss_head_loss(self.teacher_head(interleave(t["embedding"], rotated)))
 
-        return [Stage(name="ss_head", epochs=self.stage_epochs, lr=self.stage_lr,
-                      parameters=list(self.teacher_head.parameters()), loss=loss, teacher_taps=("embedding",))]
+        return [Stage(name="ss_head", epochs=self.stage_epochs, lr=self.stage_lr, milestones=self.stage_milestones,
+                      parameters=list(self.teacher_head.parameters()), loss=loss, teacher_taps=("embedding",),
+                      uses_student=False)]
 
     def all_terms(self, batch, student, teacher):
         """Every term is computed here, on the right views (the base class would put CE over all 4N rows)."""
