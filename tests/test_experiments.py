@@ -35,11 +35,18 @@ TABLES = {
     "YimFSP2017": ["fsp_cifar10", "fsp_cifar100"],
     "TAKD2020": ["takd_cifar10", "takd_cifar100"],
     "Hinton2015": ["hinton_mnist", "hinton_mnist_no3", "hinton_mnist_only78"],
+    "Chen2022_SimKD": ["simkd_cifar100", "semckd_cifar100"],
+    "Chen2021_SemCKD": ["semckd_cifar100"],
+    "Liu2021_ICKD": ["ickd_cifar100"],
+    "Miles2022_ITRD": ["itrd_cifar100_same", "itrd_cifar100_cross"],
+    "Wang2023_ND": ["nd_cifar100"],
 }
 DERIVED = {"kd+bias3", "kd+bias78"}  # made from a sweep's records afterwards (python -m kdbench.bias), not by a job
+NOT_RUN_DATASETS = {"imagenet"}  # published cells kept for reference; kdbench runs no experiment on these data sets
 # Experiments whose students learn from the RepDistiller teachers: one stored teacher per architecture for all.
 CIFAR100_BENCHMARK = ["crd_cifar100_same", "crd_cifar100_cross", "dkd_cifar100_same", "dkd_cifar100_cross",
-                      "dot_cifar100"]
+                      "dot_cifar100", "simkd_cifar100", "semckd_cifar100", "ickd_cifar100", "itrd_cifar100_same",
+                      "itrd_cifar100_cross", "nd_cifar100", "cat_kd_cifar100"]
 FULL_PRODUCT_MAX = 6  # larger pair x method sweeps are composed per pair and per method
 
 
@@ -164,7 +171,8 @@ def test_every_paper_file_has_its_experiments():
 @pytest.mark.parametrize("paper", sorted(TABLES))
 def test_every_paper_cell_has_a_job(paper):
     rows = pd.read_csv(PAPER_DIR / f"{paper}.csv", dtype=str, keep_default_na=False)
-    wanted = {(r.dataset, r.teacher, r.student, r.method) for r in rows.itertuples() if r.method not in DERIVED}
+    wanted = {(r.dataset, r.teacher, r.student, r.method) for r in rows.itertuples()
+              if r.method not in DERIVED and r.dataset not in NOT_RUN_DATASETS}
     produced = set().union(*(cells_of(e) for e in TABLES[paper]))
     missing = sorted(wanted - produced)
     assert not missing, f"{paper}: no job of {TABLES[paper]} produces {missing}"

@@ -161,3 +161,16 @@ def test_nd_jobs_run_resnet32x4_to_resnet8x4(run_job, teacher_checkpoints, name)
 def test_kd_nd_job_runs_the_cross_architecture_pair_vgg13_to_mobilenetv2(run_job, teacher_checkpoints):
     record = one_epoch(run_job, teacher_checkpoints, "kd_nd", "vgg13", "MobileNetV2")
     assert record["status"] == "completed" and record["extra_params"] == 2 * 1280 + 1280 * 512 + 512
+
+
+def test_nd_experiment_runs_the_repos_recipe_on_the_stored_benchmark_teachers(tmp_path):
+    from tests.conftest import resolve_job
+
+    job = resolve_job(["experiment=nd_cifar100", "pair=resnet32x4-resnet8x4", "method=dkd_nd"], tmp_path)
+    assert (job.optim.lr, job.optim.nesterov, job.trainer.batch_size, job.trainer.epochs) == (0.1, True, 128, 240)
+    assert job.labels == {"dataset": "cifar100", "teacher": "resnet32x4", "student": "resnet8x4", "method": "dkd_nd"}
+    assert (job.method.weights.tckd, job.method.weights.nckd, job.method.weights.nd) == (2.0, 8.0, 0.5)
+    teacher = job.teacher.job
+    assert (teacher.optim.lr, teacher.optim.nesterov, teacher.trainer.batch_size) == (0.05, False, 64)
+    mobile = resolve_job(["experiment=nd_cifar100", "pair=resnet32x4-ShuffleV1", "method=kd_nd"], tmp_path)
+    assert mobile.optim.lr == 0.01 and mobile.teacher.job.optim.lr == 0.05

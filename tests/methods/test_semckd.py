@@ -148,3 +148,11 @@ def test_semckd_job_runs_resnet32x4_to_resnet8x4_and_skips_a_short_last_batch(ru
 def test_semckd_job_runs_the_cross_architecture_pair_vgg13_to_mobilenetv2(run_job, teacher_checkpoints):
     record = one_epoch(run_job, teacher_checkpoints, "semckd", "vgg13", "MobileNetV2")
     assert record["status"] == "completed" and 0 <= record["last_top1"] <= 100
+
+
+def test_semckd_experiment_sizes_the_attention_mlps_by_the_recipes_batch(tmp_path):
+    from tests.conftest import resolve_job
+
+    job = resolve_job(["experiment=semckd_cifar100", "pair=wrn_40_2-MobileNetV2"], tmp_path)
+    assert job.method.batch_size == job.trainer.batch_size == 64 and job.optim.lr == 0.01
+    assert job.labels["method"] == "semckd" and job.teacher.job.optim.lr == 0.05
