@@ -14,6 +14,9 @@ the shipped configs are in conf/method/cat_kd.yaml. The reference's student is a
 has no bias (logits = GAP(CAM_s)); kdbench's students have one, so by default (student_fc_bias: false) the method
 zeroes the student's classifier bias and freezes it (requires_grad False: out of the optimizer and the parameter
 count); student_fc_bias: true keeps it trained.
+For a WRN the pooled map is relu(bn1(stage3)), read as relu(stage3_pre): on a WRN student in training mode that tap
+calls bn1 a second time (kdbench.models.wrn), so bn1's running statistics take two updates per step where the
+reference's wrn_test takes one (same batch statistics, a faster moving average; the training forward is unchanged).
 """
 from __future__ import annotations
 
