@@ -1,4 +1,4 @@
-"""Helpers for the methods that reuse a network's classifier or its last feature map (SimKD, SRRL, CAT-KD, ICKD):
+"""Helpers for the methods that reuse a network's classifier or the map it pools (SimKD, SRRL, CAT-KD):
 which Linear reads the pooled `embedding`, and which tap is the map that the network average-pools into it.
 Not a method (nothing registers here).
 
