@@ -45,6 +45,11 @@ TABLES = {
     "Li2023_CTKD": ["ctkd_cifar100"],
     # the LSKD paper's +LS rows of the plug-in methods (the KD+LS rows belong to the lskd method's own file)
     "Sun2024_LSKD_plugins": ["lskd_cifar100_dkd", "lskd_cifar100_mlkd", "lskd_cifar100_ctkd"],
+    "Chen2022_SimKD": ["simkd_cifar100", "semckd_cifar100"],
+    "Chen2021_SemCKD": ["semckd_cifar100"],
+    "Liu2021_ICKD": ["ickd_cifar100"],
+    "Miles2022_ITRD": ["itrd_cifar100_same", "itrd_cifar100_cross"],
+    "Wang2023_ND": ["nd_cifar100"],
 }
 # Data sets whose rows a paper CSV may carry before kdbench can run them (no conf/dataset/<name>.yaml yet): their cells
 # are not required to have a job until the data set exists (ImageNet is another issue).
@@ -54,7 +59,8 @@ DERIVED = {"kd+bias3", "kd+bias78"}  # made from a sweep's records afterwards (p
 CIFAR100_BENCHMARK = ["crd_cifar100_same", "crd_cifar100_cross", "dkd_cifar100_same", "dkd_cifar100_cross",
                       "dot_cifar100", "sskd_cifar100", "mlkd_cifar100_same", "mlkd_cifar100_cross",
                       "mlkd_cifar100_cross_960ep", "ctkd_cifar100", "lskd_cifar100_dkd", "lskd_cifar100_mlkd",
-                      "lskd_cifar100_ctkd"]
+                      "lskd_cifar100_ctkd", "simkd_cifar100", "semckd_cifar100", "ickd_cifar100",
+                      "itrd_cifar100_same", "itrd_cifar100_cross", "nd_cifar100", "cat_kd_cifar100"]
 FULL_PRODUCT_MAX = 6  # larger pair x method sweeps are composed per pair and per method
 
 

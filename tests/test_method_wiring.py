@@ -249,11 +249,110 @@ REFERENCE: dict[str, dict] = {
                         "temperature_module.t_end": 20.0, "temperature_module.lambda_max": 0.0,
                         "temperature_module.lambda_min": -1.0, "temperature_module.lambda_loops": 10.0,
                         "teacher_eps": 0.0, "logit_standardization": False}),
+    # ---- post-2021 feature/module methods, pinned to their reference code (reference/methods-modern.md and each
+    # method's docstring). SimKD (DefangChen/SimKD scripts/run_distill.sh `-c 0 -d 0 -b 1`, factor 2)
+    "simkd": dict(config={"name": "simkd", "factor": 2, "eval_head": "teacher_classifier", "temperature": 4.0},
+                  weights={"ce": 0.0, "simkd": 1.0},
+                  attrs={"factor": 2, "eval_head": "teacher_classifier", "student_taps": ("stage3",),
+                         "teacher_taps": ("stage3",), "t_relu": False, "projector.0.out_channels": 32}),
+    # SemCKD (`-r 1 -a 1 -b 400`, SelfA(feat_dim = batch size, factor 4, soft 1)); composed with trainer.batch_size=8
+    "semckd": dict(config={"name": "semckd", "batch_size": "${trainer.batch_size}", "factor": 4, "soft": 1.0,
+                           "temperature": 4.0},
+                   weights={"ce": 1.0, "kd": 1.0, "semckd": 400.0},
+                   attrs={"batch_size": BATCH, "factor": 4, "soft": 1.0, "kd_temperature": 4.0,
+                          "student_taps": ("stage1", "stage2", "stage3"), "teacher_taps": ("stage1", "stage2", "stage3"),
+                          "queries.0.linear1.in_features": BATCH, "queries.0.linear2.out_features": BATCH // 4}),
+    # SRRL as SimKD's code runs it (`-c 1 -d 1 -b 1`)
+    "srrl": dict(config={"name": "srrl", "temperature": 4.0},
+                 weights={"ce": 1.0, "kd": 1.0, "srrl_fm": 1.0, "srrl_sr": 1.0},
+                 attrs={"student_taps": ("embedding",), "teacher_taps": ("embedding",), "kd_temperature": 4.0}),
+    # CAT-KD (configs/cifar100/CAT_KD/*.yaml per pair; res32x4_res8x4: weight 15, R 2, no normalisation)
+    "cat_kd": dict(config={"name": "cat_kd", "by_pair": {
+                               "resnet32x4": {"resnet8x4": {"cat": 15.0, "resolution": 2, "normalize": False},
+                                              "ShuffleV1": {"cat": 600.0, "resolution": 4, "normalize": True},
+                                              "ShuffleV2": {"cat": 600.0, "resolution": 4, "normalize": True}},
+                               "resnet56": {"resnet20": {"cat": 0.7, "resolution": 2, "normalize": False}},
+                               "resnet110": {"resnet32": {"cat": 1.8, "resolution": 2, "normalize": False}},
+                               "wrn_40_2": {"wrn_16_2": {"cat": 12.0, "resolution": 2, "normalize": False},
+                                            "wrn_40_1": {"cat": 1.5, "resolution": 2, "normalize": False},
+                                            "ShuffleV1": {"cat": 80.0, "resolution": 4, "normalize": True}},
+                               "vgg13": {"vgg8": {"cat": 4.5, "resolution": 2, "normalize": False},
+                                         "MobileNetV2": {"cat": 15.0, "resolution": 2, "normalize": True}},
+                               "ResNet50": {"MobileNetV2": {"cat": 40.0, "resolution": 2, "normalize": True}}},
+                           "cam_resolution": "${oc.select:method.by_pair.${teacher.label}.${student.label}.resolution,2}",
+                           "normalize": "${oc.select:method.by_pair.${teacher.label}.${student.label}.normalize,false}",
+                           "student_fc_bias": False, "temperature": 4.0},
+                   weights={"ce": 1.0, "cat": 15.0},
+                   attrs={"resolution": 2, "normalize": False, "student_fc_bias": False, "student_taps": ("stage3",),
+                          "teacher_taps": ("stage3",)}),
+    # ICKD-C (ADLab-AutoDrive/ICKD CIFAR README `-a 0 -b 2.5`; 1x1 embed, / (C N))
+    "ickd": dict(config={"name": "ickd", "embed_kernel": 1, "normalizer": "batch", "temperature": 4.0},
+                 weights={"ce": 1.0, "ickd": 2.5},
+                 attrs={"normalizer": "batch", "embed.0.kernel_size": (1, 1), "student_taps": ("stage3",),
+                        "teacher_taps": ("stage3",)}),
+    # ICKD-C + KL (`-a 1 -b 2.5`, T 4)
+    "ickd_kd": dict(config={"name": "ickd", "label": "ickd_kd", "embed_kernel": 1, "normalizer": "batch",
+                            "temperature": 4.0},
+                    weights={"ce": 1.0, "kd": 1.0, "ickd": 2.5},
+                    attrs={"normalizer": "batch", "kd_temperature": 4.0}),
+    # SRD (authors' ImageNet OurDistillationLoss: 2 * log-sum |.|^4 + KL(T 1), BN eps 1e-4)
+    "srd": dict(config={"name": "srd", "exponent": 4.0, "bn_eps": 1e-4, "temperature": 1.0},
+                weights={"ce": 1.0, "srd": 2.0, "kd": 1.0},
+                attrs={"exponent": 4.0, "eps": 1e-4, "kd_temperature": 1.0, "student_taps": ("embedding",),
+                       "teacher_taps": ("embedding",)}),
+    # ITRD (README command: -b 1 -r 1 --lambda_corr 2 --lambda_mutual 1 --alpha_it 1.01)
+    "itrd": dict(config={"name": "itrd", "alpha": 1.01, "std_eps": 0.0, "temperature": 4.0},
+                 weights={"ce": 1.0, "itrd_corr": 2.0, "itrd_mutual": 1.0},
+                 attrs={"alpha": 1.01, "std_eps": 0.0, "embed_mutual": False, "student_taps": ("embedding",),
+                        "teacher_taps": ("embedding",)}),
+    # KD++ (ND repo CIFAR/train_cifar.sh: per pair; resnet32x4 -> resnet8x4's 1 / 3.5 / 2.0 for unlisted pairs)
+    "kd_nd": dict(config={"name": "kd_nd", "weights_by_pair": {
+                              "resnet56": {"resnet20": {"kd": 1.0, "nd": 2.0}},
+                              "resnet32x4": {"resnet8x4": {"kd": 3.5, "nd": 2.0}, "ShuffleV1": {"kd": 2.5, "nd": 1.5},
+                                             "ShuffleV2": {"kd": 4.0, "nd": 0.5}},
+                              "wrn_40_2": {"wrn_40_1": {"kd": 1.0, "nd": 1.5}},
+                              "ResNet50": {"MobileNetV2": {"kd": 3.0, "nd": 0.5}}},
+                          "temperature": 4.0, "warmup_epochs": 20, "warmup_offset": 1, "centres": "train_pass",
+                          "stage_epochs": 1},
+                  weights={"ce": 1.0, "kd": 3.5, "nd": 2.0},
+                  attrs={"kd_temperature": 4.0, "warmup_epochs": 20.0, "warmup_offset": 1, "centre_source": "train_pass",
+                         "stage_epochs": 1, "stage_lr": 0.0, "emb_trans": None,
+                         "student_taps": ("embedding",), "teacher_taps": ("logits", "embedding")}),
+    # DKD++ (train_cifar.sh; resnet32x4 -> resnet8x4: tckd 2, nckd 8, nd 0.5)
+    "dkd_nd": dict(config={"name": "dkd_nd", "weights_by_pair": {
+                               "resnet56": {"resnet20": {"tckd": 2.5, "nckd": 4.0, "nd": 3.5}},
+                               "resnet32x4": {"resnet8x4": {"tckd": 2.0, "nckd": 8.0, "nd": 0.5},
+                                              "ShuffleV1": {"tckd": 0.5, "nckd": 8.0, "nd": 4.0},
+                                              "ShuffleV2": {"tckd": 0.5, "nckd": 6.0, "nd": 0.5}},
+                               "wrn_40_2": {"wrn_40_1": {"tckd": 1.0, "nckd": 6.0, "nd": 1.0}},
+                               "ResNet50": {"MobileNetV2": {"tckd": 0.5, "nckd": 8.0, "nd": 1.0}}},
+                           "temperature": 4.0, "warmup_epochs": 20, "warmup_offset": 1, "centres": "train_pass",
+                           "stage_epochs": 1},
+                   weights={"ce": 1.0, "tckd": 2.0, "nckd": 8.0, "nd": 0.5},
+                   attrs={"temperature": 4.0, "warmup_epochs": 20.0, "warmup_offset": 1, "stage_epochs": 1,
+                          "stage_lr": 0.0, "teacher_taps": ("logits", "embedding")}),
+    # ReviewKD++ (ReviewKD++/train_reviewkd.sh; resnet32x4 -> resnet8x4: reviewkd 8, nd 1)
+    "reviewkd_nd": dict(config={"name": "reviewkd_nd", "weights_by_pair": {
+                                    "resnet56": {"resnet20": {"reviewkd": 1.2, "nd": 1.0}},
+                                    "resnet32x4": {"resnet8x4": {"reviewkd": 8.0, "nd": 1.0},
+                                                   "ShuffleV1": {"reviewkd": 7.0, "nd": 1.0},
+                                                   "ShuffleV2": {"reviewkd": 8.0, "nd": 1.5}},
+                                    "wrn_40_2": {"wrn_40_1": {"reviewkd": 5.0, "nd": 4.0}},
+                                    "ResNet50": {"MobileNetV2": {"reviewkd": 6.0, "nd": 2.0}}},
+                                "warmup_epochs": 20, "warmup_offset": 1, "max_mid_channel": 512,
+                                "centres": "train_pass", "stage_epochs": 1, "temperature": 4.0},
+                        weights={"ce": 1.0, "reviewkd": 8.0, "nd": 1.0},
+                        attrs={"warmup_epochs": 20.0, "warmup_offset": 1, "stage_epochs": 1, "stage_lr": 0.0,
+                               "student_taps": ("stage1", "stage2", "stage3", "embedding"),
+                               "teacher_taps": ("stage1_pre", "stage2_pre", "stage3_pre", "embedding")}),
 }
 
 # §1.4: the DKD / ReviewKD warm-up min(epoch / 20, 1) and the terms it scales (CE is never warmed up)
 WARMUP_EPOCHS = 20
-WARMED_TERMS = {"dkd": {"tckd", "nckd"}, "dkd_per_pair": {"tckd", "nckd"}, "reviewkd": {"reviewkd"}}
+WARMED_TERMS = {"dkd": {"tckd", "nckd"}, "dkd_per_pair": {"tckd", "nckd"}, "reviewkd": {"reviewkd"},
+                "kd_nd": {"kd"}, "dkd_nd": {"tckd", "nckd"}, "reviewkd_nd": {"reviewkd"}}
+# The ND repo's loops count epochs from 0: its ramp is min((epoch - 1) / 20, 1) in kdbench's 1-indexed epochs
+WARMUP_OFFSET = {"kd_nd": 1, "dkd_nd": 1, "reviewkd_nd": 1}
 
 # ----------------------------------------------------------------------------- the pair each config is built on
 # (teacher, student, extra compose overrides). Default: resnet14 -> resnet8 at 16x16 (maps 16/8/4, equal widths, so FSP
@@ -270,6 +369,7 @@ SETUP = {
     "uskd": (None, "resnet8", ()),
     # composed for resnet110 -> resnet20 (T 4, weight 12 from the table); the loss itself only needs logits
     "lskd_per_pair": ("resnet14", "resnet8", ("teacher=resnet110", "student=resnet20")),
+    "semckd": ("resnet14", "resnet8", (f"trainer.batch_size={BATCH}",)),  # its attention MLPs take whole batches
 }
 
 
@@ -321,7 +421,8 @@ TEACHER_FREE_TERMS = {"mlkd": {"ce_strong"}, "ctkd": {"temperature"}}
 
 
 def ramp(name: str, term: str, epoch: int) -> float:
-    return min(epoch / WARMUP_EPOCHS, 1.0) if term in WARMED_TERMS.get(name, ()) else 1.0
+    shifted = max(epoch - WARMUP_OFFSET.get(name, 0), 0)
+    return min(shifted / WARMUP_EPOCHS, 1.0) if term in WARMED_TERMS.get(name, ()) else 1.0
 
 
 def get_attr(obj, path: str):
@@ -576,6 +677,89 @@ def exp_ctkd(m, pair, b, s, t, ref):
     from kdbench.methods.ctkd import temperature_kd_loss
     temp = m.temperature_module(s["logits"], t["logits"], 240)
     return {"ce": _ce(s, b), "kd": temperature_kd_loss(s["logits"], t["logits"], temp), "temperature": temp.mean()}
+def exp_simkd(m, pair, b, s, t, ref):
+    """SimKD: MSE(projector(student stage3), teacher stage3) (equal 4x4 sizes on the SETUP pair); ce on the student's
+    own logits."""
+    from kdbench.methods.simkd import simkd_loss
+    return {"ce": _ce(s, b), "simkd": simkd_loss(m.projector(s["stage3"]), t["stage3"])}
+
+
+def exp_semckd(m, pair, b, s, t, ref):
+    """SemCKD: every (student stage i, teacher stage j), the larger map pooled, projected by projs[3 i + j]; the
+    attention from the query/key MLPs on the batch Gram matrices, softmax over teacher stages at soft."""
+    from kdbench.methods.semckd import gram_rows, semckd_attention, semckd_loss
+    f_s, f_t = _stages(s), _stages(t)
+    q = torch.stack([mlp(gram_rows(f)) for mlp, f in zip(m.queries, f_s, strict=True)], 1)
+    k = torch.stack([mlp(gram_rows(f)) for mlp, f in zip(m.keys, f_t, strict=True)], 1)
+    s_values, t_values = [], []
+    for i, fs in enumerate(f_s):
+        pairs = [match_spatial(fs, ft) for ft in f_t]
+        s_values.append([m.projs[3 * i + j](a) for j, (a, _) in enumerate(pairs)])
+        t_values.append([c for _, c in pairs])
+    att = semckd_attention(q, k, ref["config"]["soft"])
+    return {"ce": _ce(s, b), "kd": _kd(s, t, ref["config"]["temperature"]), "semckd": semckd_loss(s_values, t_values, att)}
+
+
+def exp_srrl(m, pair, b, s, t, ref):
+    """SRRL: connector(student embedding) vs the teacher embedding, and through the teacher's own fc vs its logits."""
+    from kdbench.methods.srrl import srrl_feature_loss, srrl_regression_loss
+    mapped = m.connector(s["embedding"])
+    fc = pair.teacher.fc
+    return {"ce": _ce(s, b), "kd": _kd(s, t, ref["config"]["temperature"]),
+            "srrl_fm": srrl_feature_loss(mapped, t["embedding"]),
+            "srrl_sr": srrl_regression_loss(mapped, fc.weight.detach(), fc.bias.detach(), t["logits"])}
+
+
+def exp_cat_kd(m, pair, b, s, t, ref):
+    """CAT-KD: CAMs of stage3 with the student's fc weight and the teacher's fc weight (no bias), R 2, no norm."""
+    from kdbench.methods.cat_kd import cat_loss, class_activation_maps
+    cfg = ref["attrs"]
+    return {"ce": _ce(s, b), "cat": cat_loss(class_activation_maps(s["stage3"], pair.student.fc.weight),
+                                             class_activation_maps(t["stage3"], pair.teacher.fc.weight.detach()),
+                                             cfg["resolution"], cfg["normalize"])}
+
+
+def exp_ickd(m, pair, b, s, t, ref):
+    from kdbench.methods.ickd import ickd_loss
+    terms = {"ce": _ce(s, b), "ickd": ickd_loss(m.embed(s["stage3"]), t["stage3"], ref["config"]["normalizer"])}
+    if "kd" in ref["weights"]:
+        terms["kd"] = _kd(s, t, ref["config"]["temperature"])
+    return terms
+
+
+def exp_srd(m, pair, b, s, t, ref):
+    from kdbench.methods.srd import srd_loss
+    cfg = ref["config"]
+    return {"ce": _ce(s, b), "srd": srd_loss(m.projector(s["embedding"]), t["embedding"], cfg["exponent"], cfg["bn_eps"]),
+            "kd": _kd(s, t, cfg["temperature"])}
+
+
+def exp_itrd(m, pair, b, s, t, ref):
+    """ITRD: correlation on embed(z_s); mutual on z_s itself (equal widths on the SETUP pair)."""
+    from kdbench.methods.itrd import itrd_correlation_loss, itrd_mutual_loss
+    cfg = ref["config"]
+    return {"ce": _ce(s, b), "itrd_corr": itrd_correlation_loss(m.embed(s["embedding"]), t["embedding"], cfg["alpha"]),
+            "itrd_mutual": itrd_mutual_loss(s["embedding"], t["embedding"])}
+
+
+def _nd(m, b, s, t):
+    """ND on the embeddings (equal widths: no EmbTrans); no centre pass ran, so the centres are the running class means
+    of the teacher embeddings seen so far, this batch included (m is the method's state before its loss)."""
+    from kdbench.methods.nd import nd_loss
+    sums = m.centre_sum.clone().index_add(0, b.targets, t["embedding"].detach())
+    return nd_loss(s["embedding"], t["embedding"], sums, b.targets)
+
+
+def exp_kd_nd(m, pair, b, s, t, ref):
+    return {**exp_kd(m, pair, b, s, t, ref), "nd": _nd(m, b, s, t)}
+
+
+def exp_dkd_nd(m, pair, b, s, t, ref):
+    return {**exp_dkd(m, pair, b, s, t, ref), "nd": _nd(m, b, s, t)}
+
+
+def exp_reviewkd_nd(m, pair, b, s, t, ref):
+    return {**exp_reviewkd(m, pair, b, s, t, ref), "nd": _nd(m, b, s, t)}
 
 
 EXPECTED_TERMS = {
@@ -586,6 +770,9 @@ EXPECTED_TERMS = {
     "darkrank": exp_darkrank, "vanilla": exp_vanilla, "sskd": exp_sskd, "mlkd": exp_mlkd, "ctkd": exp_ctkd,
     "lskd": exp_lskd, "lskd_per_pair": exp_lskd, "dist": exp_dist, "ttm": exp_ttm, "wttm": exp_wttm, "nkd": exp_nkd,
     "uskd": exp_uskd, "wsld": exp_wsld,
+    "simkd": exp_simkd, "semckd": exp_semckd, "srrl": exp_srrl, "cat_kd": exp_cat_kd, "ickd": exp_ickd,
+    "ickd_kd": exp_ickd, "srd": exp_srd, "itrd": exp_itrd, "kd_nd": exp_kd_nd, "dkd_nd": exp_dkd_nd,
+    "reviewkd_nd": exp_reviewkd_nd,
 }
 
 
@@ -614,6 +801,10 @@ def stage_sskd(m, pair, b, s, t):
     return ss_head_loss(m.teacher_head(emb))
 
 
+def stage_nd(m, pair, b, s, t):
+    return torch.zeros(())  # the ND centre pass accumulates the teacher's class sums and trains nothing
+
+
 PRE = ("stage1_pre", "stage2_pre", "stage3_pre")
 FSP_TAPS = ("stem", "stage1", "stage2", "stage3")
 EXPECTED_STAGES = {  # §1.4: AB trains connectors + feature layers, FT the paraphraser only, FSP the student
@@ -621,10 +812,14 @@ EXPECTED_STAGES = {  # §1.4: AB trains connectors + feature layers, FT the para
     "ft": ("paraphraser", (), ("stage3",), stage_ft, "paraphraser"),
     "fsp": ("fsp", FSP_TAPS, FSP_TAPS, stage_fsp, "student"),
     "sskd": ("ss_head", (), ("embedding",), stage_sskd, "teacher_head"),  # SSKD: the teacher's self-supervision head
+    "kd_nd": ("nd_centres", (), ("embedding",), stage_nd, "nothing"),  # ND: the teacher's class-centre pass
+    "dkd_nd": ("nd_centres", (), ("embedding",), stage_nd, "nothing"),
+    "reviewkd_nd": ("nd_centres", (), ("embedding",), stage_nd, "nothing"),
 }
 
 # Variants that add an optional term or zero a weight, beyond the shipped configs
-OPTIONAL_KD = ["sp", "cc", "vid", "rkd", "pkt", "nst", "crd", "kdsvd", "ofd", "reviewkd"]
+OPTIONAL_KD = ["sp", "cc", "vid", "rkd", "pkt", "nst", "crd", "kdsvd", "ofd", "reviewkd",
+               "simkd", "cat_kd", "ickd", "itrd"]
 VARIANTS = [(name, ()) for name in METHOD_YAMLS] + [
     ("kd", ("method.weights.ce=0",)),  # soft targets only: ce logged, not summed
     ("dkd", ("method.weights.tckd=0",)),  # a warmed-up term with weight 0
@@ -691,7 +886,7 @@ def test_loss_scales_each_term_by_its_weight_times_ramp_and_a_nan_zero_weight_te
         total.backward()
         for k, v in fake.items():
             w = weights[k] * ramp(name, k, epoch)
-            if weights[k] == 0:
+            if w == 0:  # a weight-0 term, or a warmed-up term whose ramp is 0 in this epoch (the ND repo's epoch 1)
                 assert v.grad is None or v.grad.item() == 0, f"{name}: weight-0 term '{k}' got a gradient"
             else:
                 assert v.grad is not None and v.grad.item() == pytest.approx(w, rel=1e-6), \
@@ -776,7 +971,7 @@ def test_pre_training_stages_are_the_reference_ones(name):
     assert (stage.momentum, stage.weight_decay) == (0.9, 5e-4)  # §1.4: SGD momentum 0.9, wd 5e-4
     assert tuple(stage.milestones) == tuple(ref["attrs"].get("stage_milestones", ()))  # constant LR unless decayed
     # a stage that trains no student parameter runs no student forward (its BN statistics stay, as RD's eval mode)
-    assert stage.uses_student == (trained not in ("paraphraser", "teacher_head"))
+    assert stage.uses_student == (trained not in ("paraphraser", "teacher_head", "nothing"))
     assert tuple(stage.student_taps) == s_taps and tuple(stage.teacher_taps) == t_taps
     params = {id(p) for p in stage.parameters}
     if trained == "paraphraser":
@@ -785,6 +980,9 @@ def test_pre_training_stages_are_the_reference_ones(name):
         assert params == {id(p) for p in method.teacher_head.parameters()}
     elif trained == "student":
         assert params == {id(p) for p in pair.student.parameters()}
+    elif trained == "nothing":  # a pass that only reads the teacher (ND's centres): no model or head parameter moves
+        owned = {id(p) for p in (*pair.student.parameters(), *pair.teacher.parameters(), *method.parameters())}
+        assert not params & owned
     else:  # AB: connectors + every student parameter but the classifier
         head = {id(p) for p in pair.student.fc.parameters()}
         assert params == {id(p) for p in method.connectors.parameters()} | \
