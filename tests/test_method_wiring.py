@@ -345,14 +345,26 @@ REFERENCE: dict[str, dict] = {
                         attrs={"warmup_epochs": 20.0, "warmup_offset": 1, "stage_epochs": 1, "stage_lr": 0.0,
                                "student_taps": ("stage1", "stage2", "stage3", "embedding"),
                                "teacher_taps": ("stage1_pre", "stage2_pre", "stage3_pre", "embedding")}),
+    # DIST++ (CIFAR/DIST++/train_dist.sh; resnet32x4 -> resnet8x4: kd 1.5 on both DIST terms, nd 4; tau 4)
+    "dist_nd": dict(config={"name": "dist_nd", "weights_by_pair": {
+                                "resnet56": {"resnet20": {"kd": 2.0, "nd": 1.0}},
+                                "resnet32x4": {"resnet8x4": {"kd": 1.5, "nd": 4.0}, "ShuffleV1": {"kd": 2.5, "nd": 3.0},
+                                               "ShuffleV2": {"kd": 3.0, "nd": 4.0}},
+                                "wrn_40_2": {"wrn_40_1": {"kd": 2.5, "nd": 3.0}},
+                                "ResNet50": {"MobileNetV2": {"kd": 7.0, "nd": 1.0}}},
+                            "tau": 4.0, "eps": 1e-8, "warmup_epochs": 20, "warmup_offset": 1, "centres": "train_pass",
+                            "stage_epochs": 1},
+                    weights={"ce": 1.0, "inter": 1.5, "intra": 1.5, "nd": 4.0},
+                    attrs={"tau": 4.0, "eps": 1e-8, "warmup_epochs": 20.0, "warmup_offset": 1, "stage_epochs": 1,
+                           "stage_lr": 0.0, "teacher_taps": ("logits", "embedding")}),
 }
 
 # §1.4: the DKD / ReviewKD warm-up min(epoch / 20, 1) and the terms it scales (CE is never warmed up)
 WARMUP_EPOCHS = 20
 WARMED_TERMS = {"dkd": {"tckd", "nckd"}, "dkd_per_pair": {"tckd", "nckd"}, "reviewkd": {"reviewkd"},
-                "kd_nd": {"kd"}, "dkd_nd": {"tckd", "nckd"}, "reviewkd_nd": {"reviewkd"}}
+                "kd_nd": {"kd"}, "dkd_nd": {"tckd", "nckd"}, "reviewkd_nd": {"reviewkd"}, "dist_nd": {"inter", "intra"}}
 # The ND repo's loops count epochs from 0: its ramp is min((epoch - 1) / 20, 1) in kdbench's 1-indexed epochs
-WARMUP_OFFSET = {"kd_nd": 1, "dkd_nd": 1, "reviewkd_nd": 1}
+WARMUP_OFFSET = {"kd_nd": 1, "dkd_nd": 1, "reviewkd_nd": 1, "dist_nd": 1}
 
 # ----------------------------------------------------------------------------- the pair each config is built on
 # (teacher, student, extra compose overrides). Default: resnet14 -> resnet8 at 16x16 (maps 16/8/4, equal widths, so FSP
@@ -762,6 +774,10 @@ def exp_reviewkd_nd(m, pair, b, s, t, ref):
     return {**exp_reviewkd(m, pair, b, s, t, ref), "nd": _nd(m, b, s, t)}
 
 
+def exp_dist_nd(m, pair, b, s, t, ref):
+    return {**exp_dist(m, pair, b, s, t, ref), "nd": _nd(m, b, s, t)}
+
+
 EXPECTED_TERMS = {
     "kd": exp_kd, "ban": exp_kd, "tf_kd_self": exp_kd, "fitnet": exp_fitnet, "at": exp_at, "sp": exp_sp, "cc": exp_cc,
     "vid": exp_vid, "rkd": exp_rkd, "pkt": exp_pkt, "ab": exp_ab, "ft": exp_ft, "fsp": exp_fsp, "nst": exp_nst,
@@ -772,7 +788,7 @@ EXPECTED_TERMS = {
     "uskd": exp_uskd, "wsld": exp_wsld,
     "simkd": exp_simkd, "semckd": exp_semckd, "srrl": exp_srrl, "cat_kd": exp_cat_kd, "ickd": exp_ickd,
     "ickd_kd": exp_ickd, "srd": exp_srd, "itrd": exp_itrd, "kd_nd": exp_kd_nd, "dkd_nd": exp_dkd_nd,
-    "reviewkd_nd": exp_reviewkd_nd,
+    "reviewkd_nd": exp_reviewkd_nd, "dist_nd": exp_dist_nd,
 }
 
 
@@ -815,6 +831,7 @@ EXPECTED_STAGES = {  # §1.4: AB trains connectors + feature layers, FT the para
     "kd_nd": ("nd_centres", (), ("embedding",), stage_nd, "nothing"),  # ND: the teacher's class-centre pass
     "dkd_nd": ("nd_centres", (), ("embedding",), stage_nd, "nothing"),
     "reviewkd_nd": ("nd_centres", (), ("embedding",), stage_nd, "nothing"),
+    "dist_nd": ("nd_centres", (), ("embedding",), stage_nd, "nothing"),
 }
 
 # Variants that add an optional term or zero a weight, beyond the shipped configs

@@ -33,6 +33,7 @@ from torch import nn
 from kdbench.distill import Stage, register_method
 from kdbench.errors import KDBenchError
 from kdbench.methods.common import warmup_factor
+from kdbench.methods.dist import DIST
 from kdbench.methods.dkd import DKD
 from kdbench.methods.kd import KD
 from kdbench.methods.reviewkd import ReviewKD
@@ -160,3 +161,11 @@ class ReviewKDND(NDMixin, ReviewKD):
     """ReviewKD++: ce + warm-up * reviewkd + nd."""
 
     warmed_terms = ("reviewkd",)
+
+
+@register_method("dist_nd")
+class DISTND(NDMixin, DIST):
+    """DIST++: ce + warm-up * (inter + intra) + nd (the ND repo's CIFAR/DIST++, DIST with beta = gamma = 1 times
+    --kd_loss_factor: here the weights of inter and intra)."""
+
+    warmed_terms = ("inter", "intra")
