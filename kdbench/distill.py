@@ -84,6 +84,8 @@ class PairInfo:
     mean: tuple[float, ...] = ()  # the inputs' per-channel normalisation: batch.inputs = (image in [0, 1] - mean) / std,
     std: tuple[float, ...] = ()  # for methods that make extra views of a batch (strong augmentation, rotations)
     seed: int = 0  # the run's seed: a method's own randomness replays from epoch_seed(seed, epoch, stream)
+    teachers: tuple = ()  # a multi-teacher method's teachers (TapModels; `teacher` is the first) ...
+    teachers_shapes: tuple = ()  # ... and their probed tap shapes
 
     def incompatible(self, method: str, detail: str) -> IncompatibleModels:
         return IncompatibleModels(f"method '{method}' cannot distill {self.teacher_name} -> {self.student_name}: {detail}")
@@ -123,6 +125,9 @@ class StageStep:
     def train(self, mode: bool = True):
         self.method.train(mode)
 
+    def batches(self, loader, seed: int):
+        return loader.epoch(seed)
+
     def train_step(self, batch: Batch, step) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         with step.autocast():
             teacher = step.teacher(batch) if step.teacher is not None else None
@@ -142,6 +147,7 @@ class Method(nn.Module):
     needs_teacher: bool = True
     teacher_train_mode: bool = False  # MD's OFD runs the teacher's BN in train mode
     teacher_cache: bool = True  # False: its teacher outputs come from views of its own (SSKD), never from a cache
+    multi_teacher: bool = False  # True: it learns from every teacher of the `teachers` config (pair.teachers)
     task_terms: tuple[str, ...] = ("ce",)  # the terms a step policy that separates them (DOT) treats as the task
 
     def __init__(self, cfg, pair: PairInfo):
@@ -202,6 +208,12 @@ class Method(nn.Module):
 
     # -- the training step and evaluation; override only when the method needs another one
 
+    def batches(self, loader, seed: int):
+        """An epoch's batches (default: the loader's seeded epoch). Override to sample batches another way
+        (class-paired batches: `loader.take(indices, generator)`) or to train without the training data (data-free:
+        batches of generated images, never touching the loader)."""
+        return loader.epoch(seed)
+
     def forward_loss(self, batch: Batch, step) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Teacher outputs, student forward and loss for one batch (under the step's autocast)."""
         teacher = step.teacher(batch) if step.teacher is not None else None
@@ -219,6 +231,15 @@ class Method(nn.Module):
     def eval_logits(self, student: TapModel, inputs: torch.Tensor) -> torch.Tensor:
         """The logits a run is evaluated on (default: the student's own)."""
         return student(inputs)
+
+    def extra_heads(self) -> dict[str, Callable[[TapModel, torch.Tensor], torch.Tensor]]:
+        """Other networks or heads evaluated each epoch beside the run's own (online peers, exits, an ensemble):
+        name -> logits_of(student, inputs). Each becomes a leaderboard row of its own, method `<label>@<name>`."""
+        return {}
+
+    def record_fields(self) -> dict:
+        """Facts about the method's run the record should carry (which head is evaluated, networks trained)."""
+        return {}
 
 
 METHODS: Registry[type[Method]] = Registry("method")

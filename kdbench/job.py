@@ -40,6 +40,7 @@ from kdbench.teachers import TeacherOutputs, TeacherStore, cache_bytes, cache_is
 from kdbench.train import Run, autocast, configure_determinism, evaluate, fit, resolve_device, summary
 
 CHECKPOINT_FILE = "checkpoint.pt"
+HEADS_DIR = "heads"  # <run>/heads/<name>/metrics.json: the records of a method's extra heads
 # Pre-training stages draw their data order and dropout from seed + this offset, apart from main training's.
 STAGE_SEED_OFFSET = 7_777
 # Override keys (with their subkeys) that shape only the student's run, never how its teacher is trained.
@@ -91,10 +92,11 @@ class Job:
     trainer: TrainerConfig
     student: ModelSpec
     method: Options
-    teacher: Optional[TeacherSpec]
+    teacher: Optional[TeacherSpec]  # the teacher (the first of `teachers`)
     teacher_store: Path
     logger: Options
     recipe_overrides: tuple[str, ...] = ()  # the overrides its teacher's recipe is composed with
+    teachers: tuple[TeacherSpec, ...] = ()  # every teacher (several for a multi-teacher method)
 
     @property
     def teacher_train_mode(self) -> bool:
@@ -121,9 +123,24 @@ def _options(node: DictConfig) -> Options:
     return Options(OmegaConf.to_container(node, resolve=True))
 
 
+def teacher_nodes(cfg: DictConfig) -> list:
+    """The teacher configs the job's method learns from: none, `teacher`, or every entry of `teachers` for a
+    multi-teacher method."""
+    cls = method_class(cfg.method.name)
+    if not cls.needs_teacher:
+        return []
+    if not cls.multi_teacher:
+        return [cfg.teacher]
+    nodes = list((cfg.get("teachers") or {}).values())
+    if not nodes:
+        raise InvalidSetting(f"method '{cfg.method.name}' learns from several teachers: name them in `teachers`, e.g. "
+                             f"+teacher@teachers.a=resnet56 +teacher@teachers.b=resnet110 (or use an experiment)")
+    return nodes
+
+
 def labels_of(cfg: DictConfig) -> dict:
-    needs_teacher = method_class(cfg.method.name).needs_teacher
-    return {"dataset": dataset_label(cfg.dataset), "teacher": cfg.teacher.label if needs_teacher else None,
+    nodes = teacher_nodes(cfg)
+    return {"dataset": dataset_label(cfg.dataset), "teacher": "+".join(str(n.label) for n in nodes) or None,
             "student": cfg.student.label, "method": cfg.method.get("label") or cfg.method.name}
 
 
@@ -154,25 +171,26 @@ def resolve(cfg: DictConfig, overrides: Sequence[str] = (), recipe_overrides: Op
     check_added_method_options(cfg, overrides)
     labels = labels_of(cfg)
     recipe_overrides = tuple(overrides if recipe_overrides is None else recipe_overrides)
-    teacher = None
-    if labels["teacher"] is not None:
-        model = ModelSpec.of(cfg.teacher)
-        if cfg.teacher.checkpoint:
-            teacher = TeacherSpec(model, Path(str(cfg.teacher.checkpoint)).expanduser())
-        else:
-            tcfg, trecipe, trecord = teacher_config(cfg, recipe_overrides)
-            tjob = resolve(tcfg, trecord, trecipe)
-            recipe = OmegaConf.to_container(cfg.teacher.recipe, resolve=True) if cfg.teacher.get("recipe") else {}
-            teacher = TeacherSpec(model, None, f"{model.label}-{tjob.key}", tjob,
-                                  tuple(f"{k}={v}" for k, v in _leaves(recipe).items()))
+    teachers = tuple(_teacher_spec(cfg, node, recipe_overrides) for node in teacher_nodes(cfg))
     config = OmegaConf.to_container(cfg, resolve=True)
     return Job(config=config, overrides=tuple(overrides), labels=labels, key=config_hash(semantic_config(config)),
                seed=int(cfg.seed), dataset=_typed(DatasetConfig, cfg.dataset, "dataset"),
                optim=_typed(OptimConfig, cfg.optim, "optim"), schedule=_typed(ScheduleConfig, cfg.schedule, "schedule"),
                trainer=_typed(TrainerConfig, cfg.trainer, "trainer"), student=ModelSpec.of(cfg.student),
-               method=_options(cfg.method), teacher=teacher, teacher_store=Path(str(cfg.paths.teacher_store)),
+               method=_options(cfg.method), teacher=teachers[0] if teachers else None,
+               teacher_store=Path(str(cfg.paths.teacher_store)),
                logger=_options(cfg.logger) if cfg.get("logger") else Options({"name": "none"}),
-               recipe_overrides=recipe_overrides)
+               recipe_overrides=recipe_overrides, teachers=teachers)
+
+
+def _teacher_spec(cfg: DictConfig, node: DictConfig, recipe_overrides: tuple[str, ...]) -> TeacherSpec:
+    model = ModelSpec.of(node)
+    if node.checkpoint:
+        return TeacherSpec(model, Path(str(node.checkpoint)).expanduser())
+    tcfg, trecipe, trecord = teacher_config(cfg, recipe_overrides, node)
+    tjob = resolve(tcfg, trecord, trecipe)
+    recipe = OmegaConf.to_container(node.recipe, resolve=True) if node.get("recipe") else {}
+    return TeacherSpec(model, None, f"{model.label}-{tjob.key}", tjob, tuple(f"{k}={v}" for k, v in _leaves(recipe).items()))
 
 
 def _leaves(tree: dict, prefix: str = "") -> dict:
@@ -191,16 +209,19 @@ def _recipe(overrides: tuple[str, ...]) -> DictConfig:
     return compose(overrides)
 
 
-def teacher_config(cfg: DictConfig, overrides: Sequence[str] = ()) -> tuple[DictConfig, tuple, tuple]:
-    """(config, recipe overrides, record overrides) of the job that trains `cfg`'s teacher into the store: the job's
-    config with the recipe (optim, schedule, trainer) composed without the student-only overrides, the teacher's
-    model as the student, its seed, vanilla CE or its `distill` method, then its teacher.recipe leaves."""
+def teacher_config(cfg: DictConfig, overrides: Sequence[str] = (), node: Optional[DictConfig] = None
+                   ) -> tuple[DictConfig, tuple, tuple]:
+    """(config, recipe overrides, record overrides) of the job that trains `cfg`'s teacher (`node`: another entry
+    of `teachers`) into the store: the job's config with the recipe (optim, schedule, trainer) composed without the
+    student-only overrides, the teacher's model as the student, its seed, vanilla CE or its `distill` method, then
+    its recipe leaves."""
+    node = cfg.teacher if node is None else node
     teacher_side = tuple(o for o in overrides if not (_covers(STUDENT_SIDE, override_key(o))
                                                       and is_semantic(override_key(o)))
                          and not override_key(o).startswith("hydra.") and not o.startswith("("))
     recipe = _recipe(teacher_side)
-    leaves = _leaves(OmegaConf.to_container(cfg.teacher.recipe, resolve=True)) if cfg.teacher.get("recipe") else {}
-    distill = cfg.teacher.get("distill")
+    leaves = _leaves(OmegaConf.to_container(node.recipe, resolve=True)) if node.get("recipe") else {}
+    distill = node.get("distill")
     tcfg = copy.deepcopy(cfg)
     with open_dict(tcfg):
         for group in ("optim", "schedule"):
@@ -208,17 +229,19 @@ def teacher_config(cfg: DictConfig, overrides: Sequence[str] = ()) -> tuple[Dict
         for key, value in recipe.trainer.items():
             if is_semantic(f"trainer.{key}"):  # where the run runs (device, progress, ...) stays the run's
                 tcfg.trainer[key] = value
-        tcfg.student = {"model": cfg.teacher.model, "label": cfg.teacher.label}
+        tcfg.student = {"model": node.model, "label": node.label}
+        tcfg.teachers = {}
         if distill:
             if not distill.get("from") or not distill.get("method"):
-                raise KDBenchError(f"teacher '{cfg.teacher.label}': teacher.distill needs both 'from' (a teacher "
+                raise KDBenchError(f"teacher '{node.label}': teacher.distill needs both 'from' (a teacher "
                                    f"config) and 'method' (a method config)")
             tcfg.teacher = copy.deepcopy(distill["from"])
             tcfg.method = copy.deepcopy(distill.method)
         else:
             tcfg.method = {"name": "vanilla", "weights": {"ce": 1.0}}
+            tcfg.teacher = copy.deepcopy(node)
             tcfg.teacher.recipe = {}  # applied below; two recipes that make the same job store one teacher
-        tcfg.seed = cfg.teacher.seed
+        tcfg.seed = node.seed
         tcfg.logger = {"name": "none"}
         for key, value in leaves.items():
             OmegaConf.update(tcfg, key, value, merge=False)
@@ -270,19 +293,23 @@ def train_job(job: Job, out_dir: Path) -> tuple[dict, TapModel]:
     return record.data, student
 
 
+def _pair(job: Job, student: TapModel, teachers: Sequence[TapModel], input_shape, num_classes: int,
+          train_labels: torch.Tensor) -> PairInfo:
+    shapes = [probe_taps(t, input_shape) for t in teachers]
+    return PairInfo(student, teachers[0] if teachers else None, probe_taps(student, input_shape),
+                    shapes[0] if shapes else None, job.student.label, job.labels["teacher"], num_classes, train_labels,
+                    job.trainer.epochs, job.optim.lr, tuple(input_shape), tuple(job.dataset.mean),
+                    tuple(job.dataset.std), job.seed, tuple(teachers), tuple(shapes))
+
+
 def check_pair(job: Job) -> None:
     """Build the method on untrained models of the job's pair (no data, the global RNG untouched), so that a pair
     the method cannot serve (IncompatibleModels) is refused before any teacher is trained."""
     shape, classes = tuple(job.dataset.image_shape), int(job.dataset.num_classes)
     with torch.random.fork_rng(devices=[]):
-        student = job.student.build(classes, shape)
-        teacher = job.teacher.model.build(classes, shape) if job.teacher is not None else None
-        labels = torch.arange(2 * classes) % classes
-        pair = PairInfo(student, teacher, probe_taps(student, shape), probe_taps(teacher, shape) if teacher else None,
-                        job.student.label, job.teacher.model.label if teacher else None, classes, labels,
-                        job.trainer.epochs, job.optim.lr, shape, tuple(job.dataset.mean), tuple(job.dataset.std),
-                        job.seed)
-        create_method(job.method, pair)
+        teachers = [spec.model.build(classes, shape) for spec in job.teachers]
+        create_method(job.method, _pair(job, job.student.build(classes, shape), teachers, shape, classes,
+                                        torch.arange(2 * classes) % classes))
 
 
 def _train(job: Job, out_dir: Path, record: RunRecord, logger) -> TapModel:
@@ -293,32 +320,36 @@ def _train(job: Job, out_dir: Path, record: RunRecord, logger) -> TapModel:
     data = prepare_data(job.dataset, tr, device)
     record.update(device=str(device), n_train=len(data.train), n_test=len(data.test))
 
-    teacher = teacher_shapes = None
-    if job.teacher is not None:
-        teacher, source = obtain_teacher(job.teacher, job.teacher_store, data, device)
-        record.update(teacher_source=source, teacher_top1=evaluate(teacher, data.test_loader, tr.precision).top1)
-        teacher_shapes = probe_taps(teacher, data.input_shape)
+    teachers, sources, tops = [], [], []
+    for spec in job.teachers:
+        teacher, source = obtain_teacher(spec, job.teacher_store, data, device)
+        teachers.append(teacher)
+        sources.append(source)
+        tops.append(evaluate(teacher, data.test_loader, tr.precision).top1)
+    if teachers:
+        record.update(teacher_source=sources[0], teacher_top1=tops[0])
+        if len(teachers) > 1:
+            record.update(teacher_sources=sources, teachers_top1=tops)
 
     torch.manual_seed(job.seed)
     student = job.student.build(data.num_classes, data.input_shape).to(device)
-    pair = PairInfo(student, teacher, probe_taps(student, data.input_shape), teacher_shapes, job.student.label,
-                    job.teacher.model.label if teacher is not None else None, data.num_classes, data.train.labels,
-                    tr.epochs, job.optim.lr, data.input_shape, tuple(job.dataset.mean), tuple(job.dataset.std), job.seed)
+    pair = _pair(job, student, teachers, data.input_shape, data.num_classes, data.train.labels)
     method = create_method(job.method, pair).to(device)
-    outputs = None
-    if teacher is not None:
-        outputs = TeacherOutputs(teacher, method.teacher_taps, method.teacher_train_mode)
+    outputs = []
+    for teacher, shapes in zip(teachers, pair.teachers_shapes):
+        out = TeacherOutputs(teacher, method.teacher_taps, method.teacher_train_mode)
         exact = cache_is_exact(data.train_loader.augment.active, method.teacher_train_mode)
-        fits = cache_bytes(teacher_shapes, method.teacher_taps, len(data.train)) <= tr.teacher_cache_gb * 2**30
+        fits = cache_bytes(shapes, method.teacher_taps, len(data.train)) <= tr.teacher_cache_gb * 2**30
         if tr.teacher_cache and method.teacher_cache and exact and fits:
-            outputs.build_cache(data.train_loader, lambda: autocast(device, tr.precision))
+            out.build_cache(data.train_loader, lambda: autocast(device, tr.precision))
+        outputs.append(out)
     record.update(student_params=count_parameters(student), extra_params=count_parameters(method),
-                  teacher_cache=outputs is not None and outputs.cached)
+                  teacher_cache=bool(outputs) and all(o.cached for o in outputs), **method.record_fields())
     _fit(job, student, method, outputs, data, out_dir, record, logger)
     return student
 
 
-def _fit(job: Job, student: TapModel, method: Method, outputs: Optional[TeacherOutputs], data: Data, out_dir: Path,
+def _fit(job: Job, student: TapModel, method: Method, outputs: list[TeacherOutputs], data: Data, out_dir: Path,
          record: RunRecord, logger) -> None:
     """Pre-training stages not yet done, then the main epochs not yet done, each epoch checkpointed."""
     tr = job.trainer
@@ -330,10 +361,11 @@ def _fit(job: Job, student: TapModel, method: Method, outputs: Optional[TeacherO
         method.load_state_dict(state["method"])
     stages_done = list(state["stages_done"]) if state else []
 
-    for stage in method.stages(student, outputs.model if outputs is not None else None):
+    teacher = outputs[0] if outputs else None
+    for stage in method.stages(student, teacher.model if teacher is not None else None):
         if stage.name in stages_done:
             continue
-        run = Run(student, StageStep(stage, method), outputs.with_taps(stage.teacher_taps) if outputs else None,
+        run = Run(student, StageStep(stage, method), teacher.with_taps(stage.teacher_taps) if teacher else None,
                   data.train_loader, constant_sgd_step(stage.parameters, stage.lr, stage.momentum, stage.weight_decay),
                   job.seed + STAGE_SEED_OFFSET, tr.precision)
         fit(run, range(1, stage.epochs + 1), stage.lr_at,
@@ -353,19 +385,46 @@ def _fit(job: Job, student: TapModel, method: Method, outputs: Optional[TeacherO
         # a finished run launched again keeps its results
         record.update(history=history, last_class_errors=state.get("class_errors"), **summary(history))
 
+    heads = method.extra_heads()
+    # each extra head (a peer, an exit, an ensemble) gets a record of its own below heads/<name>: a leaderboard row
+    head_records = {name: RunRecord.start(out_dir / HEADS_DIR / name, config=job.config, config_hash=job.key,
+                                          labels={**job.labels, "method": f"{job.labels['method']}@{name}"},
+                                          seed=job.seed, overrides=[*job.overrides, f"(head {name})"])
+                    for name in heads}
+
+    def evaluation() -> tuple[dict, object]:
+        was_training = method.training
+        method.eval()
+        try:
+            ev = evaluate(student, data.test_loader, tr.precision, method.eval_logits)
+            fields = {"test_top1": ev.top1, "test_errors": ev.errors, "test_loss": ev.loss}
+            if heads:
+                fields["heads"] = {}
+                for name, logits_of in heads.items():
+                    h = evaluate(student, data.test_loader, tr.precision, logits_of)
+                    fields["heads"][name] = {"test_top1": h.top1, "test_errors": h.errors, "test_loss": h.loss}
+        finally:
+            method.train(was_training)
+        return fields, ev
+
     def end_of_epoch(entry: dict, ev) -> None:
         history.append(entry)
         save_torch(ckpt_path, {"epoch": entry["epoch"], "stages_done": stages_done, "student": student.state_dict(),
                                "method": method.state_dict(), "optimizer": policy.optimizer.state_dict(),
                                "history": history, "class_errors": ev.class_errors, "config_hash": job.key})
         record.update(history=history, last_class_errors=ev.class_errors, **summary(history))
+        for name, head_record in head_records.items():
+            head_history = [{"epoch": e["epoch"], **e["heads"][name]} for e in history if name in e.get("heads", {})]
+            head_record.update(history=head_history, n_test=record.data.get("n_test"), **summary(head_history))
+            if entry["epoch"] == tr.epochs:
+                head_record.complete()
         logger.log({"lr": entry["lr"], "test/top1": ev.top1, "test/loss": ev.loss,
                     **{f"train/{k}": v for k, v in entry["train"].items()}}, step=entry["epoch"])
 
     forward = torch.compile(student.forward_taps) if tr.compile else None
-    run = Run(student, method, outputs, data.train_loader, policy, job.seed, tr.precision, forward)
+    run = Run(student, method, teacher, data.train_loader, policy, job.seed, tr.precision, forward, tuple(outputs))
     fit(run, range(start, tr.epochs + 1), lambda epoch: lr_at(epoch, job.optim.lr, job.schedule, tr.epochs),
-        data.test_loader, method.eval_logits, [end_of_epoch], total=tr.epochs,
+        evaluation, [end_of_epoch], total=tr.epochs,
         progress=f"{record.data['method']} {record.data['student']} s{job.seed}" if tr.progress else None)
 
 

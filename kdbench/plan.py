@@ -62,36 +62,39 @@ def teacher_outputs_cached(job: Job) -> bool:
 
 
 def plan_job(job: Job) -> dict:
-    """The job's labels, epochs and FLOPs, and how its teacher is obtained (with the plan of its training when
-    it is not in the store yet). The job's own `flops` leave out teacher training, which sweeps count once."""
+    """The job's labels, epochs and FLOPs, and how each of its teachers is obtained (with the plan of its training
+    when it is not in the store yet). The job's own `flops` leave out teacher training, which sweeps count once."""
     ds = job.dataset
     samples, epochs = planned_train_size(ds), int(job.trainer.epochs)
     plan = {"labels": job.labels, "seed": job.seed, "epochs": epochs, "samples": samples,
-            "flops": 3 * forward_flops(job.student, ds) * samples * epochs, "teacher": None}
-    if job.teacher is None:
-        return plan
+            "flops": 3 * forward_flops(job.student, ds) * samples * epochs, "teacher": None, "teachers": []}
     cached = teacher_outputs_cached(job)
-    plan["flops"] += forward_flops(job.teacher.model, ds) * samples * (1 if cached else epochs)
-    teacher = plan["teacher"] = {"label": job.labels["teacher"], "cached": cached}
-    if job.teacher.checkpoint is not None:
-        teacher.update(source="checkpoint", path=str(job.teacher.checkpoint))
-        return plan
-    stored = TeacherStore(job.teacher_store).entry(job.teacher.entry).exists()
-    teacher.update(source="store" if stored else "train", key=job.teacher.entry)
-    if not stored:
-        teacher["training"] = plan_job(job.teacher.job)
+    for spec in job.teachers:
+        plan["flops"] += forward_flops(spec.model, ds) * samples * (1 if cached else epochs)
+        teacher = {"label": spec.model.label, "cached": cached}
+        if spec.checkpoint is not None:
+            teacher.update(source="checkpoint", path=str(spec.checkpoint))
+        else:
+            stored = TeacherStore(job.teacher_store).entry(spec.entry).exists()
+            teacher.update(source="store" if stored else "train", key=spec.entry)
+            if not stored:
+                teacher["training"] = plan_job(spec.job)
+        plan["teachers"].append(teacher)
+    plan["teacher"] = plan["teachers"][0] if plan["teachers"] else None
     return plan
 
 
 def teachers_to_train(plan: dict) -> list[dict]:
     """The store entries a job would train before it starts, deepest link of a chain first."""
-    teacher = plan["teacher"]
-    if not teacher or "training" not in teacher:
-        return []
-    training = teacher["training"]
-    return [*teachers_to_train(training), {"key": teacher["key"], "label": teacher["label"],
-                                           "method": training["labels"]["method"], "epochs": training["epochs"],
-                                           "flops": training["flops"]}]
+    out = []
+    for teacher in plan.get("teachers") or ([plan["teacher"]] if plan.get("teacher") else []):
+        if "training" not in teacher:
+            continue
+        training = teacher["training"]
+        out += [*teachers_to_train(training), {"key": teacher["key"], "label": teacher["label"],
+                                               "method": training["labels"]["method"], "epochs": training["epochs"],
+                                               "flops": training["flops"]}]
+    return out
 
 
 def _cost(flops: float, tflops: float) -> str:
@@ -108,28 +111,25 @@ def _cost(flops: float, tflops: float) -> str:
     return f"{flops / scale:.3g} {unit} ≈ {duration}"
 
 
-def _chain_start(plan: dict) -> str:
+def _chain_start(teacher: dict) -> str:
     """How the deepest teacher to train gets its own teacher: '' for vanilla, 'X (in store) -> ' for a TA."""
-    training = plan["teacher"]["training"]
+    training = teacher["training"]
     while training["teacher"] is not None and "training" in training["teacher"]:
         training = training["teacher"]["training"]
-    teacher = training["teacher"]
-    if teacher is None:
+    first = training["teacher"]
+    if first is None:
         return ""
-    return f"{teacher['label']} ({'in store' if teacher['source'] == 'store' else 'checkpoint'}) -> "
+    return f"{first['label']} ({'in store' if first['source'] == 'store' else 'checkpoint'}) -> "
 
 
-def _teacher_note(plan: dict, tflops: float) -> str:
-    teacher = plan["teacher"]
-    if teacher is None:
-        return ""
+def _teacher_note(teacher: dict, tflops: float) -> str:
     if teacher["source"] == "checkpoint":
         return f"teacher {teacher['label']}: checkpoint {teacher['path']}"
     if teacher["source"] == "store":
         return f"teacher {teacher['label']}: in store"
-    chain = teachers_to_train(plan)
+    chain = teachers_to_train({"teachers": [teacher]})
     steps = " -> ".join(f"{t['label']} ({t['method']}, {t['epochs']} ep)" for t in chain)
-    return (f"teacher {teacher['label']}: not in store, trained first: {_chain_start(plan)}{steps}, "
+    return (f"teacher {teacher['label']}: not in store, trained first: {_chain_start(teacher)}{steps}, "
             f"{_cost(sum(t['flops'] for t in chain), tflops)} (once per sweep)")
 
 
@@ -139,8 +139,8 @@ def format_job(plan: dict, tflops: float) -> str:
     names = " | ".join(labels[k] or "-" for k in ("dataset", "teacher", "student", "method"))
     number = f"#{plan['job']} " if plan.get("job") is not None else ""
     line = f"{number}{names}  seed {plan['seed']}  {plan['epochs']} ep  {_cost(plan['flops'], tflops)}"
-    note = _teacher_note(plan, tflops)
-    return f"{line}  {note}" if note else line
+    notes = [_teacher_note(t, tflops) for t in plan.get("teachers") or ([plan["teacher"]] if plan["teacher"] else [])]
+    return "  ".join([line, *notes])
 
 
 def dry_run_job(job: Job, out_dir: Path, number: Optional[int], tflops: float) -> dict:

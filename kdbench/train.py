@@ -92,6 +92,8 @@ class Stepper(Protocol):
 
     def train(self, mode: bool = True): ...
 
+    def batches(self, loader, seed: int): ...
+
     def train_step(self, batch, step: "StepContext") -> tuple[torch.Tensor, dict[str, torch.Tensor]]: ...
 
     def task_loss(self, terms: dict[str, torch.Tensor], epoch: int) -> Optional[torch.Tensor]: ...
@@ -109,6 +111,7 @@ class Run:
     seed: int
     precision: str = "fp32"
     forward: Optional[Callable] = None  # the student's forward_taps, or its torch.compile'd version
+    teachers: tuple[TeacherOutputs, ...] = ()  # every teacher of a multi-teacher method (teacher = the first)
 
 
 @dataclass
@@ -122,6 +125,10 @@ class StepContext:
     @property
     def teacher(self) -> Optional[TeacherOutputs]:
         return self.run.teacher
+
+    @property
+    def teachers(self) -> tuple[TeacherOutputs, ...]:
+        return self.run.teachers or ((self.run.teacher,) if self.run.teacher is not None else ())
 
     @property
     def forward(self) -> Callable:
@@ -140,13 +147,13 @@ def train_epoch(run: Run, epoch: int) -> dict[str, float]:
     """One pass over the training data; returns the sample-weighted mean of every loss term."""
     run.student.train()
     run.stepper.train()
-    if run.teacher is not None:
-        run.teacher.start_epoch()
+    for teacher in (run.teachers or ((run.teacher,) if run.teacher is not None else ())):
+        teacher.start_epoch()
     torch.manual_seed(epoch_seed(run.seed, epoch, stream=1))
     step = StepContext(run, epoch, run.loader.device)
     sums: dict[str, torch.Tensor] = {}
     n = 0
-    for batch in run.loader.epoch(epoch_seed(run.seed, epoch)):
+    for batch in run.stepper.batches(run.loader, epoch_seed(run.seed, epoch)):
         total, terms = run.stepper.train_step(batch, step)
         for name, value in (("loss", total), *terms.items()):
             sums[name] = sums.get(name, 0.0) + value.detach().float() * len(batch)
@@ -165,12 +172,13 @@ def train_epoch(run: Run, epoch: int) -> dict[str, float]:
 EpochCallback = Callable[[dict, Optional[Evaluation]], None]
 
 
-def fit(run: Run, epochs: Sequence[int], lr_at: Callable[[int], float], test_loader=None,
-        logits_of: Optional[Callable] = None, callbacks: Sequence[EpochCallback] = (), progress: Optional[str] = None,
-        total: Optional[int] = None) -> None:
-    """Train `epochs` (1-indexed), setting the LR once per epoch; with a test loader, evaluate after each epoch.
-    Each epoch ends with callbacks(history entry, evaluation): the record, the checkpoint, the logger."""
-    bar = tqdm(epochs, desc=progress, disable=progress is None, leave=test_loader is not None,
+def fit(run: Run, epochs: Sequence[int], lr_at: Callable[[int], float],
+        evaluation: Optional[Callable[[], tuple[dict, Evaluation]]] = None, callbacks: Sequence[EpochCallback] = (),
+        progress: Optional[str] = None, total: Optional[int] = None) -> None:
+    """Train `epochs` (1-indexed), setting the LR once per epoch; with an evaluation (-> the history fields and the
+    main Evaluation), evaluate after each epoch. Each epoch ends with callbacks(history entry, evaluation): the
+    record, the checkpoint, the logger."""
+    bar = tqdm(epochs, desc=progress, disable=progress is None, leave=evaluation is not None,
                initial=(epochs[0] - 1) if len(epochs) else 0, total=total or len(epochs))
     for epoch in bar:
         lr = lr_at(epoch)
@@ -178,9 +186,9 @@ def fit(run: Run, epochs: Sequence[int], lr_at: Callable[[int], float], test_loa
         t0 = time.time()
         entry = {"epoch": epoch, "lr": lr, "train": train_epoch(run, epoch)}
         ev = None
-        if test_loader is not None:
-            ev = evaluate(run.student, test_loader, run.precision, logits_of)
-            entry.update(test_top1=ev.top1, test_errors=ev.errors, test_loss=ev.loss)
+        if evaluation is not None:
+            fields, ev = evaluation()
+            entry.update(fields)
             bar.set_postfix(top1=f"{ev.top1:.2f}", loss=f"{entry['train']['loss']:.3f}")
         entry["seconds"] = round(time.time() - t0, 3)
         for callback in callbacks:

@@ -30,23 +30,23 @@ def test_record_contents(run_job):
 
 
 def test_interrupted_run_resumes_to_the_same_final_metrics(run_job, monkeypatch, tmp_path):
-    import kdbench.train as train
+    import kdbench.job as job
 
     reference = run_job(*DIGITS_FAST, "method=kd", name="straight")
-    real_evaluate, calls = train.evaluate, {"n": 0}
+    real_evaluate, calls = job.evaluate, {"n": 0}
 
     def interrupt_in_epoch_2(model, loader, precision="fp32", logits_of=None):
         calls["n"] += 1
-        if calls["n"] == 2:  # epoch 1, then Ctrl-C during epoch 2's evaluation
+        if calls["n"] == 3:  # teacher eval, epoch 1, then Ctrl-C during epoch 2's evaluation
             raise KeyboardInterrupt
         return real_evaluate(model, loader, precision, logits_of)
 
-    monkeypatch.setattr(train, "evaluate", interrupt_in_epoch_2)
+    monkeypatch.setattr(job, "evaluate", interrupt_in_epoch_2)
     with pytest.raises(KeyboardInterrupt):
         run_job(*DIGITS_FAST, "method=kd", name="resumed")
     partial = json.loads((tmp_path / "resumed" / "metrics.json").read_text())
     assert partial["status"] == "interrupted" and len(partial["history"]) == 1
-    monkeypatch.setattr(train, "evaluate", real_evaluate)
+    monkeypatch.setattr(job, "evaluate", real_evaluate)
     resumed = run_job(*DIGITS_FAST, "method=kd", name="resumed")
     assert [h["test_top1"] for h in resumed["history"]] == [h["test_top1"] for h in reference["history"]]
     assert [h["train"] for h in resumed["history"]] == [h["train"] for h in reference["history"]]

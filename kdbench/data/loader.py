@@ -76,12 +76,21 @@ class _Loader:
     def _plan(self, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         generator = torch.Generator().manual_seed(seed)
         order = torch.randperm(self.num_samples, generator=generator) if self.shuffle else torch.arange(self.num_samples)
-        if self.augment.active:
-            offsets, flips = self.augment.sample(self.num_samples, generator)
-        else:
-            offsets = torch.full((self.num_samples, 2), self.augment.crop_padding)
-            flips = torch.zeros(self.num_samples, dtype=torch.bool)
+        offsets, flips = self._augment_params(self.num_samples, generator)
         return order, offsets[order], flips[order]
+
+    def _augment_params(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.augment.active:
+            return self.augment.sample(n, generator)
+        return torch.full((n, 2), self.augment.crop_padding), torch.zeros(n, dtype=torch.bool)
+
+    def take(self, indices: torch.Tensor, generator: torch.Generator) -> Batch:
+        """The batch of these dataset indices, augmented with parameters drawn from `generator`: for methods that
+        sample their own batches (class-paired batches, CS-KD) through Method.batches()."""
+        indices = torch.as_tensor(indices, dtype=torch.long).cpu()
+        offsets, flips = self._augment_params(len(indices), generator)
+        images, labels = self._raw(indices)
+        return self._finish(images, labels, indices.to(self.device), offsets, flips)
 
     def _finish(self, raw: torch.Tensor, targets, indices, offsets, flips) -> Batch:
         offsets, flips = offsets.to(self.device), flips.to(self.device)
@@ -101,6 +110,10 @@ class DeviceLoader(_Loader):
         super().__init__(split, *args, **kwargs)
         self.images = split.images.to(self.device)
         self.labels = split.labels.to(self.device)
+
+    def _raw(self, indices: torch.Tensor):
+        idx = indices.to(self.device)
+        return self.images[idx], self.labels[idx]
 
     def epoch(self, seed: int = 0) -> Iterator[Batch]:
         order, offsets, flips = self._plan(seed)
@@ -130,6 +143,9 @@ class StreamLoader(_Loader):
         super().__init__(split, *args, **kwargs)
         self.dataset = _IndexedSplit(split)
         self.num_workers = num_workers
+
+    def _raw(self, indices: torch.Tensor):
+        return self.dataset.split.images[indices], self.dataset.split.labels[indices]
 
     def epoch(self, seed: int = 0) -> Iterator[Batch]:
         order, offsets, flips = self._plan(seed)
