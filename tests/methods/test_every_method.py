@@ -253,7 +253,7 @@ def cross_arch_checkpoints(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", sorted(set(list_methods()) | {"crd_kd", "ban"}))
+@pytest.mark.parametrize("method", sorted({m for m in list_methods() if not m.startswith("test_")} | {"crd_kd", "ban"}))
 def test_every_method_trains_or_refuses_the_cross_architecture_pair(run_job, cross_arch_checkpoints, method):
     teacher, student = CROSS_ARCH_PAIR.get(method, ("vgg13", "MobileNetV2"))
     overrides = [*TINY_SYNTHETIC, f"teacher={teacher}", f"student={student}", f"method={method}",
