@@ -10,6 +10,7 @@ import logging
 import os
 import secrets
 import signal
+from datetime import datetime
 import sys
 from pathlib import Path
 
@@ -28,11 +29,25 @@ log = logging.getLogger("kdbench")
 # sweep left (launchers that run jobs elsewhere). A set: one job may be seen both ways.
 _sweep_failures: set[str] = set()
 
-# One id per invocation, so two sweeps started in the same second never share a directory. main() mints it and
-# launcher workers inherit it through the environment; the default here serves the compose API (tests, notebooks).
-os.environ.setdefault("KDBENCH_UID", secrets.token_hex(3))
-if not OmegaConf.has_resolver("kdbench_uid"):
-    OmegaConf.register_new_resolver("kdbench_uid", lambda: os.environ["KDBENCH_UID"])
+# One name per invocation for its output folder, `<time>_<id>`, so two sweeps started in the same second never share a
+# folder. main() mints it and launcher workers inherit it through the environment (the default here serves the
+# compose API: tests, notebooks). The processes of one torchrun job share torchrun's run id instead, so they agree
+# on the folder whenever each started.
+def _run_name() -> str:
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID", "none")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and run_id != "none":
+        return f"torchrun_{run_id}"
+    return os.environ["KDBENCH_RUN"]
+
+
+def _mint_run_name() -> None:
+    os.environ["KDBENCH_RUN"] = f"{datetime.now():%Y-%m-%d_%H-%M-%S}_{secrets.token_hex(3)}"
+
+
+if "KDBENCH_RUN" not in os.environ:
+    _mint_run_name()
+if not OmegaConf.has_resolver("kdbench_run"):
+    OmegaConf.register_new_resolver("kdbench_run", _run_name)
 register_configs()
 
 
@@ -45,6 +60,10 @@ class ReportCallback(Callback):
     ends (a dry run's totals instead)."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        from kdbench.distributed import world
+
+        if not world().main:  # the first process of a distributed job reports
+            return
         sweep_dir = Path(config.hydra.sweep.dir)
         if config.get("dry_run"):
             from kdbench.plan import format_totals, load_plans
@@ -104,6 +123,10 @@ def _job(cfg: DictConfig):
             return None
         record = run(resolve(cfg, overrides), out_dir)
     except Exception as err:
+        from kdbench.distributed import world
+
+        if not world().main:
+            raise  # torchrun ends the job; the first rank records this rank's error (kdbench.job.train_job)
         if not cfg.dry_run:
             _keep_failure(cfg, out_dir, overrides, err)
         _sweep_failures.add(str(out_dir.resolve()))
@@ -132,7 +155,7 @@ def _results_root(argv: list[str]) -> Path:
 def main() -> None:
     # SIGTERM (timeout, Slurm preemption) ends a job like Ctrl-C: its record says "interrupted", epochs kept.
     signal.signal(signal.SIGTERM, _terminated)
-    os.environ["KDBENCH_UID"] = secrets.token_hex(3)
+    _mint_run_name()
     argv = sys.argv[1:]
     if argv and argv[0] == "report":
         from kdbench.report import main as report_main

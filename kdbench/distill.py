@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from kdbench.data.loader import Batch
+from kdbench.distributed import SINGLE, World
 from kdbench.errors import IncompatibleModels, KDBenchError
 from kdbench.losses import cross_entropy, kd_loss
 from kdbench.models.base import TapModel
@@ -86,6 +87,7 @@ class PairInfo:
     seed: int = 0  # the run's seed: a method's own randomness replays from epoch_seed(seed, epoch, stream)
     teachers: tuple = ()  # a multi-teacher method's teachers (TapModels; `teacher` is the first) ...
     teachers_shapes: tuple = ()  # ... and their probed tap shapes
+    world: World = SINGLE  # the processes of a distributed job (per-sample state kept the same on every rank)
 
     def incompatible(self, method: str, detail: str) -> IncompatibleModels:
         return IncompatibleModels(f"method '{method}' cannot distill {self.teacher_name} -> {self.student_name}: {detail}")

@@ -15,9 +15,11 @@ nest.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import difflib
 from dataclasses import dataclass, fields
+from traceback import format_exception
 from functools import lru_cache
 from itertools import chain
 from pathlib import Path
@@ -26,12 +28,13 @@ from typing import Optional, Sequence
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from kdbench import distributed
 from kdbench.config import (DatasetConfig, OptimConfig, ScheduleConfig, TrainerConfig, compose, is_semantic,
                             override_key, semantic_config)
 from kdbench.data import Data, dataset_label, prepare_data
 from kdbench.distill import Method, Options, PairInfo, StageStep, create_method, method_class
 from kdbench.errors import ConfigChanged, InvalidSetting, KDBenchError
-from kdbench.io import config_hash, load_torch, save_torch, sha256_file
+from kdbench.io import config_hash, load_torch, save_torch, sha256_file, write_json
 from kdbench.loggers import create_logger
 from kdbench.models import TapModel, count_parameters, create_model, load_reference_checkpoint, probe_taps
 from kdbench.optim import build_step, constant_sgd_step, lr_at
@@ -276,15 +279,24 @@ def refuse_other_configuration(found: Optional[str], job: Job, out_dir: Path) ->
 
 
 def train_job(job: Job, out_dir: Path) -> tuple[dict, TapModel]:
+    """Train a job in out_dir (its record current all along); returns the record and the trained student. In a
+    distributed job every rank trains; only the first writes files, and a rank's failure is the job's error."""
     out_dir = Path(out_dir)
+    w = distributed.world()
     record = RunRecord.start(out_dir, config=job.config, config_hash=job.key, labels=job.labels, seed=job.seed,
-                             overrides=list(job.overrides))
+                             overrides=list(job.overrides), writes=w.main)
+    if w.distributed:
+        record.update(world_size=w.size)
     logger = None
     try:
-        logger = create_logger(job.logger, out_dir, job.labels, job.config)
-        student = _train(job, out_dir, record, logger)
+        logger = create_logger(job.logger if w.main else Options({"name": "none"}), out_dir, job.labels, job.config)
+        student = _train(job, out_dir, record, logger, w)
         record.complete()
     except BaseException as err:
+        if not w.main and not isinstance(err, KeyboardInterrupt):
+            write_json(out_dir / f"failed_rank{w.rank}.json", {"rank_error": f"rank {w.rank}: {type(err).__name__}: "
+                                                                             f"{err}",
+                                                               "traceback": "".join(format_exception(err))[-4000:]})
         record.fail(err)
         raise
     finally:
@@ -294,12 +306,12 @@ def train_job(job: Job, out_dir: Path) -> tuple[dict, TapModel]:
 
 
 def _pair(job: Job, student: TapModel, teachers: Sequence[TapModel], input_shape, num_classes: int,
-          train_labels: torch.Tensor) -> PairInfo:
+          train_labels: torch.Tensor, w: distributed.World = distributed.SINGLE) -> PairInfo:
     shapes = [probe_taps(t, input_shape) for t in teachers]
     return PairInfo(student, teachers[0] if teachers else None, probe_taps(student, input_shape),
                     shapes[0] if shapes else None, job.student.label, job.labels["teacher"], num_classes, train_labels,
                     job.trainer.epochs, job.optim.lr, tuple(input_shape), tuple(job.dataset.mean),
-                    tuple(job.dataset.std), job.seed, tuple(teachers), tuple(shapes))
+                    tuple(job.dataset.std), job.seed, tuple(teachers), tuple(shapes), w)
 
 
 def check_pair(job: Job) -> None:
@@ -312,17 +324,21 @@ def check_pair(job: Job) -> None:
                                         torch.arange(2 * classes) % classes))
 
 
-def _train(job: Job, out_dir: Path, record: RunRecord, logger) -> TapModel:
+def _train(job: Job, out_dir: Path, record: RunRecord, logger, w: distributed.World) -> TapModel:
     tr = job.trainer
     check_pair(job)
     configure_determinism(tr.deterministic)
-    device = resolve_device(tr.device)
-    data = prepare_data(job.dataset, tr, device)
+    device = resolve_device(tr.device, w.local_rank)
+    distributed.init(w, device)
+    if w.distributed and tr.batch_size % w.size:
+        raise InvalidSetting(f"trainer.batch_size={tr.batch_size} (the global batch) must be a multiple of the "
+                             f"{w.size} processes")
+    data = prepare_data(job.dataset, tr, device, w)
     record.update(device=str(device), n_train=len(data.train), n_test=len(data.test))
 
     teachers, sources, tops = [], [], []
     for spec in job.teachers:
-        teacher, source = obtain_teacher(spec, job.teacher_store, data, device)
+        teacher, source = obtain_teacher(spec, job.teacher_store, data, device, w)
         teachers.append(teacher)
         sources.append(source)
         tops.append(evaluate(teacher, data.test_loader, tr.precision).top1)
@@ -333,8 +349,11 @@ def _train(job: Job, out_dir: Path, record: RunRecord, logger) -> TapModel:
 
     torch.manual_seed(job.seed)
     student = job.student.build(data.num_classes, data.input_shape).to(device)
-    pair = _pair(job, student, teachers, data.input_shape, data.num_classes, data.train.labels)
+    pair = _pair(job, student, teachers, data.input_shape, data.num_classes, data.train.labels, w)
     method = create_method(job.method, pair).to(device)
+    if w.distributed:  # every rank starts from rank 0's weights (the seeds agree; this makes it certain)
+        for tensor in chain(student.state_dict().values(), method.state_dict().values()):
+            torch.distributed.broadcast(tensor, src=0)
     outputs = []
     for teacher, shapes in zip(teachers, pair.teachers_shapes):
         out = TeacherOutputs(teacher, method.teacher_taps, method.teacher_train_mode)
@@ -345,14 +364,19 @@ def _train(job: Job, out_dir: Path, record: RunRecord, logger) -> TapModel:
         outputs.append(out)
     record.update(student_params=count_parameters(student), extra_params=count_parameters(method),
                   teacher_cache=bool(outputs) and all(o.cached for o in outputs), **method.record_fields())
-    _fit(job, student, method, outputs, data, out_dir, record, logger)
+    _fit(job, student, method, outputs, data, out_dir, record, logger, w)
     return student
 
 
 def _fit(job: Job, student: TapModel, method: Method, outputs: list[TeacherOutputs], data: Data, out_dir: Path,
-         record: RunRecord, logger) -> None:
+         record: RunRecord, logger, w: distributed.World) -> None:
     """Pre-training stages not yet done, then the main epochs not yet done, each epoch checkpointed."""
     tr = job.trainer
+
+    def save(state: dict) -> None:
+        if w.main:
+            save_torch(ckpt_path, state)
+
     ckpt_path = out_dir / CHECKPOINT_FILE
     state = load_torch(ckpt_path, "run checkpoint") if tr.resume and ckpt_path.exists() else None
     if state is not None:
@@ -366,17 +390,17 @@ def _fit(job: Job, student: TapModel, method: Method, outputs: list[TeacherOutpu
         if stage.name in stages_done:
             continue
         run = Run(student, StageStep(stage, method), teacher.with_taps(stage.teacher_taps) if teacher else None,
-                  data.train_loader, constant_sgd_step(stage.parameters, stage.lr, stage.momentum, stage.weight_decay),
+                  data.train_loader, constant_sgd_step(stage.parameters, stage.lr, stage.momentum, stage.weight_decay, w),
                   job.seed + STAGE_SEED_OFFSET, tr.precision)
         fit(run, range(1, stage.epochs + 1), stage.lr_at,
             progress=f"{method.method_name}:{stage.name}" if tr.progress else None)
         stages_done.append(stage.name)
-        save_torch(ckpt_path, {"epoch": 0, "stages_done": stages_done, "student": student.state_dict(),
+        save({"epoch": 0, "stages_done": stages_done, "student": student.state_dict(),
                                "method": method.state_dict(), "optimizer": None, "history": [],
                                "config_hash": job.key})
 
     params = [p for p in chain(student.parameters(), method.trainable_parameters()) if p.requires_grad]
-    policy = build_step(params, job.optim)
+    policy = build_step(params, job.optim, w)
     history: list[dict] = []
     start = 1
     if state is not None and state["epoch"] > 0:
@@ -389,15 +413,19 @@ def _fit(job: Job, student: TapModel, method: Method, outputs: list[TeacherOutpu
     # each extra head (a peer, an exit, an ensemble) gets a record of its own below heads/<name>: a leaderboard row
     head_records = {name: RunRecord.start(out_dir / HEADS_DIR / name, config=job.config, config_hash=job.key,
                                           labels={**job.labels, "method": f"{job.labels['method']}@{name}"},
-                                          seed=job.seed, overrides=[*job.overrides, f"(head {name})"])
+                                          seed=job.seed, overrides=[*job.overrides, f"(head {name})"], writes=w.main)
                     for name in heads}
 
     def evaluation() -> tuple[dict, object]:
         was_training = method.training
+        distributed.broadcast_buffers(student, w)  # rank 0's BatchNorm statistics, on every rank
+        distributed.broadcast_buffers(method, w)
         method.eval()
         try:
             ev = evaluate(student, data.test_loader, tr.precision, method.eval_logits)
             fields = {"test_top1": ev.top1, "test_errors": ev.errors, "test_loss": ev.loss}
+            if ev.top5 is not None:
+                fields["test_top5"] = ev.top5
             if heads:
                 fields["heads"] = {}
                 for name, logits_of in heads.items():
@@ -409,7 +437,7 @@ def _fit(job: Job, student: TapModel, method: Method, outputs: list[TeacherOutpu
 
     def end_of_epoch(entry: dict, ev) -> None:
         history.append(entry)
-        save_torch(ckpt_path, {"epoch": entry["epoch"], "stages_done": stages_done, "student": student.state_dict(),
+        save({"epoch": entry["epoch"], "stages_done": stages_done, "student": student.state_dict(),
                                "method": method.state_dict(), "optimizer": policy.optimizer.state_dict(),
                                "history": history, "class_errors": ev.class_errors, "config_hash": job.key})
         record.update(history=history, last_class_errors=ev.class_errors, **summary(history))
@@ -428,13 +456,16 @@ def _fit(job: Job, student: TapModel, method: Method, outputs: list[TeacherOutpu
         progress=f"{record.data['method']} {record.data['student']} s{job.seed}" if tr.progress else None)
 
 
-def obtain_teacher(spec: TeacherSpec, store_root: Path, data: Data, device: torch.device) -> tuple[TapModel, dict]:
+def obtain_teacher(spec: TeacherSpec, store_root: Path, data: Data, device: torch.device,
+                   w: distributed.World = distributed.SINGLE) -> tuple[TapModel, dict]:
     """(frozen teacher in eval mode on `device`, provenance for the run record). Says on the console where the
-    teacher comes from before anything is trained."""
+    teacher comes from before anything is trained. In a distributed job every rank trains a missing teacher
+    together; the first rank holds the store's lock and writes the entry."""
     model = spec.model.build(data.num_classes, data.input_shape)
     label = spec.model.label
+    say = print if w.main else (lambda *a, **k: None)
     if spec.checkpoint is not None:
-        print(f"kdbench: teacher {label}: loading checkpoint {spec.checkpoint}", flush=True)
+        say(f"kdbench: teacher {label}: loading checkpoint {spec.checkpoint}", flush=True)
         load_reference_checkpoint(model, load_torch(spec.checkpoint, "teacher checkpoint"), str(spec.checkpoint),
                                   spec.model.name)
         source = {"kind": "checkpoint", "path": str(spec.checkpoint), "sha256": sha256_file(spec.checkpoint)}
@@ -443,18 +474,22 @@ def obtain_teacher(spec: TeacherSpec, store_root: Path, data: Data, device: torc
         entry = store.entry(spec.entry)
         how = "trained before"
         if not entry.exists():
-            with store.lock(entry):
-                if entry.exists():
+            lock = store.lock(entry) if w.main else contextlib.nullcontext()
+            with lock:
+                missing = distributed.agree(not entry.exists(), w)  # the first rank decides, the others follow
+                if not missing:
                     how = "trained just now by another job"
                 else:
-                    print(f"kdbench: teacher {label}: not in the store, training it now ({describe_training(spec)}) "
-                          f"into {entry.directory}", flush=True)
+                    say(f"kdbench: teacher {label}: not in the store, training it now ({describe_training(spec)}) "
+                        f"into {entry.directory}", flush=True)
                     _, trained = train_job(spec.job, entry.train_dir)
-                    store.put(entry, trained.state_dict(), spec.job.key, semantic_config(spec.job.config))
-                    (entry.train_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
+                    if w.main:
+                        store.put(entry, trained.state_dict(), spec.job.key, semantic_config(spec.job.config))
+                        (entry.train_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
+                    distributed.barrier(w)
                     how = ""
         if how:
-            print(f"kdbench: teacher {label}: found in the store ({how}): {entry.directory}", flush=True)
+            say(f"kdbench: teacher {label}: found in the store ({how}): {entry.directory}", flush=True)
         checkpoint, sha = store.load(entry)
         load_reference_checkpoint(model, checkpoint)
         source = {"kind": "store", "path": str(entry.weights), "sha256": sha, "key": spec.job.key}

@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 
 from kdbench.config import OptimConfig, ScheduleConfig
+from kdbench.distributed import SINGLE, World, average_gradients
 from kdbench.errors import KDBenchError
 
 
@@ -30,14 +31,19 @@ class DOT(torch.optim.Optimizer):
     def __init__(self, params, lr: float, momentum: float = 0.9, delta: float = 0.075, weight_decay: float = 5e-4):
         super().__init__(params, dict(lr=lr, momentum=momentum, delta=delta, weight_decay=weight_decay))
 
-    def backward_step(self, distill_loss: torch.Tensor, task_loss: torch.Tensor) -> None:
+    def backward_step(self, distill_loss: torch.Tensor, task_loss: torch.Tensor, reduce=None) -> None:
+        """Both backward passes, each gradient reduced (`reduce`: averaged over the ranks of a distributed job)."""
         params = [p for group in self.param_groups for p in group["params"]]
         distill_grads = {}
         if isinstance(distill_loss, torch.Tensor) and distill_loss.requires_grad:
             distill_loss.backward(retain_graph=True)
             distill_grads = {p: p.grad.detach().clone() for p in params if p.grad is not None}
+            if reduce is not None:
+                reduce(list(distill_grads.values()))
             self.zero_grad(set_to_none=True)
         task_loss.backward()
+        if reduce is not None:
+            reduce([p.grad for p in params if p.grad is not None])
         self.step(distill_grads)
 
     @torch.no_grad()
@@ -87,48 +93,55 @@ def apply_max_norm(optimizer: torch.optim.Optimizer, max_norm: float) -> None:
 
 
 class StepPolicy:
-    """One update from a batch's loss: zero the gradients, backward, optimizer step, then the weight constraint
-    (max-norm) if any. `separates_task` policies (DOT) also get the loss's weighted task part."""
+    """One update from a batch's loss: zero the gradients, backward, (in a distributed job) average the gradients
+    over the ranks, optimizer step, then the weight constraint (max-norm) if any. `separates_task` policies (DOT)
+    also get the loss's weighted task part. `share` is the batch's part of the global batch."""
 
     separates_task = False
 
-    def __init__(self, optimizer: torch.optim.Optimizer, max_norm: Optional[float] = None):
+    def __init__(self, optimizer: torch.optim.Optimizer, max_norm: Optional[float] = None, world: World = SINGLE):
         self.optimizer = optimizer
         self.max_norm = max_norm
+        self.world = world
 
     def set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
 
-    def step(self, total: torch.Tensor, task: Optional[torch.Tensor] = None) -> None:
+    def step(self, total: torch.Tensor, task: Optional[torch.Tensor] = None, share: float = 1.0) -> None:
         self.optimizer.zero_grad(set_to_none=True)
-        self._update(total, task)
+        self._update(total, task, share)
         if self.max_norm:
             apply_max_norm(self.optimizer, self.max_norm)
 
-    def _update(self, total, task) -> None:
+    def _reduce(self, share: float):
+        return (lambda grads: average_gradients(grads, share, self.world)) if self.world.distributed else None
+
+    def _update(self, total, task, share) -> None:
         total.backward()
+        if self.world.distributed:
+            self._reduce(share)([p.grad for g in self.optimizer.param_groups for p in g["params"]])
         self.optimizer.step()
 
 
 class DOTStep(StepPolicy):
     separates_task = True
 
-    def _update(self, total, task) -> None:
+    def _update(self, total, task, share) -> None:
         if task is None:
             raise KDBenchError("optim=dot separates the task (CE) gradient from the distillation gradient; give the "
                                "method a non-zero method.weights.ce or use optim=sgd")
-        self.optimizer.backward_step(total - task, task)
+        self.optimizer.backward_step(total - task, task, self._reduce(share))
 
 
-def build_step(params, optim: OptimConfig) -> StepPolicy:
+def build_step(params, optim: OptimConfig, world: World = SINGLE) -> StepPolicy:
     optimizer = build_optimizer(params, optim)
-    return (DOTStep if isinstance(optimizer, DOT) else StepPolicy)(optimizer, optim.max_norm)
+    return (DOTStep if isinstance(optimizer, DOT) else StepPolicy)(optimizer, optim.max_norm, world)
 
 
-def constant_sgd_step(params, lr: float, momentum: float, weight_decay: float) -> StepPolicy:
+def constant_sgd_step(params, lr: float, momentum: float, weight_decay: float, world: World = SINGLE) -> StepPolicy:
     """The pre-training stages' policy (RepDistiller's init stage): plain SGD at a constant LR."""
-    return StepPolicy(torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay))
+    return StepPolicy(torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay), world=world)
 
 
 def lr_at(epoch: int, base_lr: float, schedule: ScheduleConfig, epochs: int) -> float:

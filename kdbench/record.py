@@ -81,10 +81,12 @@ def effective_status(rec: dict, now: float | None = None) -> str:
 
 
 class RunRecord:
-    def __init__(self, out_dir: Path, data: dict):
-        out_dir = ensure_writable_dir(Path(out_dir))
+    def __init__(self, out_dir: Path, data: dict, writes: bool = True):
+        """`writes=False` keeps the record in memory only (the ranks but the first of a distributed job)."""
+        self.writes = writes
+        out_dir = ensure_writable_dir(Path(out_dir)) if writes else Path(out_dir)
         self.final = out_dir / RECORD_FILE
-        kept = read_record(self.final)
+        kept = read_record(self.final) if writes else None
         # a completed record stays until this attempt completes too
         self.path = out_dir / ATTEMPT_FILE if kept and kept.get("status") == "completed" else self.final
         self.data = data
@@ -92,7 +94,8 @@ class RunRecord:
         self.write()
 
     @classmethod
-    def start(cls, out_dir: Path, *, config: dict, config_hash: str, labels: dict, seed: int, overrides: list[str]) -> "RunRecord":
+    def start(cls, out_dir: Path, *, config: dict, config_hash: str, labels: dict, seed: int, overrides: list[str],
+              writes: bool = True) -> "RunRecord":
         return cls(out_dir, {
             "status": "running",
             **labels,
@@ -112,7 +115,7 @@ class RunRecord:
             "hardware": hardware(),
             "argv": sys.argv,
             "config": config,
-        })
+        }, writes)
 
     def update(self, **fields) -> None:
         self.data.update(fields)
@@ -121,16 +124,23 @@ class RunRecord:
     def write(self) -> None:
         self.data["wall_time_s"] = round(time.time() - self._t0, 3)
         self.data["updated_at"] = _now()
-        write_json(self.path, self.data)
+        if self.writes:
+            write_json(self.path, self.data)
 
     def complete(self) -> None:
         self.update(status="completed", finished_at=_now())
-        if self.path != self.final:
+        if self.writes and self.path != self.final:
             os.replace(self.path, self.final)
             self.path = self.final
 
     def fail(self, err: BaseException) -> None:
         status = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
+        ranks = sorted(self.final.parent.glob("failed_rank*.json")) if self.writes else []
+        if ranks:  # another rank of this distributed job failed first: its error is the job's
+            other = read_record(ranks[0]) or {}
+            status, err_text = "failed", f"{other.get('rank_error')}"
+            self.update(status=status, error=err_text, traceback=other.get("traceback", ""), finished_at=_now())
+            return
         try:
             err.kdbench_recorded = True  # the CLI then knows the failure is in a record already
         except AttributeError:
@@ -147,6 +157,7 @@ def record_failure(out_dir: Path, err: BaseException, *, labels: dict | None = N
     data = {"status": "running", **(labels or {}), "seed": seed, "overrides": list(overrides), "history": [],
             "started_at": _now(), "host": socket.gethostname(), "pid": os.getpid(), "argv": sys.argv}
     record = RunRecord.__new__(RunRecord)
+    record.writes = True
     record.final = out_dir / RECORD_FILE
     record.path = record.final if not record.final.exists() else out_dir / ATTEMPT_FILE
     record.data, record._t0 = data, time.time()

@@ -7,7 +7,8 @@ last-epoch tables, best-epoch with best-epoch, accuracy or error counts as the p
 names its `experiments` (those that run its recipe) is compared only with runs of those experiments, or with runs
 made without one; a run of another experiment (another recipe for the same cell) is not compared with it.
 The tolerance per cell is max(2 * std of our seeds, a per-dataset floor) and is shown beside each cell.
-Metrics: top1 (accuracy %), test_errors (misclassified test samples), test_errors_class<k> (those of true class k).
+Metrics: top1 and top5 (accuracy %), test_errors (misclassified test samples), test_errors_class<k> (those of true
+class k).
 """
 from __future__ import annotations
 
@@ -88,10 +89,12 @@ def load_records(paths) -> pd.DataFrame:
             continue
         rows.append({**{k: rec.get(k) or "" for k in KEYS}, "setting": _setting(rec.get("overrides")),
                      "seed": rec.get("seed"), "status": effective_status(rec), "last_top1": rec.get("last_top1"),
-                     "best_top1": rec.get("best_top1"), "n_test": rec.get("n_test"), "error": rec.get("error"),
+                     "best_top1": rec.get("best_top1"), "last_top5": rec.get("last_top5"),
+                     "best_top5": rec.get("best_top5"), "n_test": rec.get("n_test"), "error": rec.get("error"),
                      "epochs_done": rec.get("epochs_done"), "last_class_errors": rec.get("last_class_errors"),
                      "path": str(path.parent)})
-    return pd.DataFrame(rows, columns=[*KEYS, "setting", "seed", "status", "last_top1", "best_top1", "n_test",
+    return pd.DataFrame(rows, columns=[*KEYS, "setting", "seed", "status", "last_top1", "best_top1", "last_top5",
+                                       "best_top5", "n_test",
                                        "error", "epochs_done", "last_class_errors", "path"])
 
 
@@ -151,7 +154,9 @@ def leaderboard(records: pd.DataFrame, paper: pd.DataFrame | None = None) -> pd.
         return pd.DataFrame()
     board = (done.groupby([*KEYS, "setting"], dropna=False)
              .agg(n=("seed", "count"), last_mean=("last_top1", "mean"), last_std=("last_top1", "std"),
-                  best_mean=("best_top1", "mean"), best_std=("best_top1", "std"), n_test=("n_test", "max"))
+                  best_mean=("best_top1", "mean"), best_std=("best_top1", "std"), n_test=("n_test", "max"),
+                  last5_mean=("last_top5", "mean"), last5_std=("last_top5", "std"),
+                  best5_mean=("best_top5", "mean"), best5_std=("best_top5", "std"))
              .reset_index())
     board[["last_std", "best_std"]] = board[["last_std", "best_std"]].fillna(0.0)
     stats = done.groupby([*KEYS, "setting"], dropna=False)["last_class_errors"].agg(_class_stats)
@@ -191,6 +196,11 @@ def _diff(row: pd.Series) -> pd.Series:
         return row
     best = str(row["protocol"]).startswith("best")
     mean, std = (row["best_mean"], row["best_std"]) if best else (row["last_mean"], row["last_std"])
+    if row["metric"] == "top5":  # top-5 accuracy (ImageNet tables)
+        mean, std = (row["best5_mean"], row["best5_std"]) if best else (row["last5_mean"], row["last5_std"])
+        if pd.isna(mean):
+            return row  # records without top-5
+        std = 0.0 if pd.isna(std) else std
     tol = max(2 * std, tolerance_floor(row["dataset"]))
     scale = row["n_test"] / 100.0
     if row["metric"] == "test_errors":  # error counts out of the test set

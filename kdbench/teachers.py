@@ -130,7 +130,7 @@ class TeacherOutputs:
         without augmentation, see cache_is_exact)."""
         self.model.eval()
         outputs: dict[str, torch.Tensor] = {}
-        for batch in loader.epoch(0):
+        for batch in loader.unsharded().epoch(0):
             with autocast():
                 out = self._forward(batch.inputs)
             for name in (*self.taps, "logits"):

@@ -17,18 +17,20 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from kdbench.distributed import all_sum, all_sum_tensor
 from kdbench.errors import KDBenchError, NonFiniteLoss
 from kdbench.models import TapModel
 from kdbench.optim import StepPolicy
 from kdbench.teachers import TeacherOutputs
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """trainer.device as a torch device; `auto` and `cuda` mean the process's own GPU (its local rank)."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise KDBenchError(f"trainer.device={name} but CUDA is not available; use trainer.device=auto or cpu")
-    return torch.device(name)
+    return torch.device(f"cuda:{local_rank}" if name == "cuda" else name)
 
 
 def configure_determinism(deterministic: bool) -> None:
@@ -61,6 +63,7 @@ class Evaluation:
     loss: float
     n: int
     class_errors: list[int]  # misclassified test samples per true class
+    top5: Optional[float] = None  # with at least 10 classes
 
 
 @torch.no_grad()
@@ -69,19 +72,27 @@ def evaluate(model: TapModel, loader, precision: str = "fp32", logits_of: Option
     evaluates another way, e.g. SimKD's teacher classifier); the model's mode is restored afterwards."""
     was_training = model.training
     model.eval()
-    correct = loss = n = 0
+    correct = correct5 = loss = n = 0
     class_errors = None
     for batch in loader.epoch():
         with autocast(batch.inputs.device, precision):
             logits = logits_of(model, batch.inputs) if logits_of is not None else model(batch.inputs)
         hit = logits.argmax(1) == batch.targets
         correct += hit.sum().item()
+        if logits.shape[1] >= 10:
+            correct5 += (logits.topk(5, dim=1).indices == batch.targets[:, None]).any(1).sum().item()
         loss += F.cross_entropy(logits.float(), batch.targets, reduction="sum").item()
         wrong = torch.bincount(batch.targets[~hit], minlength=logits.shape[1])
         class_errors = wrong if class_errors is None else class_errors + wrong
         n += len(batch)
     model.train(was_training)
-    return Evaluation(100.0 * correct / n, n - correct, loss / n, n, class_errors.tolist())
+    w = loader.world
+    if w.distributed:  # each rank saw its share of the test set
+        correct, correct5, loss, n = all_sum([correct, correct5, loss, n], w, class_errors.device)
+        correct, n = int(correct), int(n)
+        class_errors = all_sum_tensor(class_errors, w)
+    top5 = 100.0 * correct5 / n if len(class_errors) >= 10 else None
+    return Evaluation(100.0 * correct / n, n - correct, loss / n, n, class_errors.tolist(), top5)
 
 
 # ----------------------------------------------------------------------------- one epoch
@@ -121,6 +132,7 @@ class StepContext:
     run: Run
     epoch: int
     device: torch.device
+    batch: Optional[object] = None  # the batch being trained on (its share of a distributed global batch)
 
     @property
     def teacher(self) -> Optional[TeacherOutputs]:
@@ -140,7 +152,8 @@ class StepContext:
     def update(self, stepper: Stepper, total: torch.Tensor, terms: dict[str, torch.Tensor]) -> None:
         """One step of the run's policy; policies that separate the task gradient (DOT) get the task part."""
         policy = self.run.step
-        policy.step(total, stepper.task_loss(terms, self.epoch) if policy.separates_task else None)
+        share = getattr(self.batch, "share", 1.0)
+        policy.step(total, stepper.task_loss(terms, self.epoch) if policy.separates_task else None, share)
 
 
 def train_epoch(run: Run, epoch: int) -> dict[str, float]:
@@ -154,10 +167,18 @@ def train_epoch(run: Run, epoch: int) -> dict[str, float]:
     sums: dict[str, torch.Tensor] = {}
     n = 0
     for batch in run.stepper.batches(run.loader, epoch_seed(run.seed, epoch)):
+        step.batch = batch
         total, terms = run.stepper.train_step(batch, step)
         for name, value in (("loss", total), *terms.items()):
             sums[name] = sums.get(name, 0.0) + value.detach().float() * len(batch)
         n += len(batch)
+    w = run.loader.world
+    if w.distributed:  # the epoch's means over every rank's samples (and the same on every rank)
+        names = sorted(sums)
+        totals = all_sum_tensor(torch.stack([torch.as_tensor(sums[k], dtype=torch.float64, device=step.device)
+                                             for k in names] + [torch.tensor(float(n), dtype=torch.float64,
+                                                                             device=step.device)]), w)
+        sums, n = dict(zip(names, totals[:-1])), totals[-1].item()
     means = {k: v.item() / n for k, v in sums.items()}  # one device sync per epoch
     bad = sorted(k for k, v in means.items() if not math.isfinite(v))
     if bad:
@@ -196,8 +217,12 @@ def fit(run: Run, epochs: Sequence[int], lr_at: Callable[[int], float],
 
 
 def summary(history: list[dict]) -> dict:
-    """The record's headline numbers from its per-epoch history: last epoch, best epoch (first of ties)."""
+    """The record's headline numbers from its per-epoch history: last epoch, best epoch (first of ties); top-5 as
+    the top-5 of those epochs (the best epoch is chosen by top-1) when the history has it."""
     best = max(history, key=lambda h: h["test_top1"])
     last = history[-1]
-    return {"last_top1": last["test_top1"], "last_errors": last["test_errors"], "best_top1": best["test_top1"],
-            "best_errors": best["test_errors"], "best_epoch": best["epoch"], "epochs_done": last["epoch"]}
+    out = {"last_top1": last["test_top1"], "last_errors": last["test_errors"], "best_top1": best["test_top1"],
+           "best_errors": best["test_errors"], "best_epoch": best["epoch"], "epochs_done": last["epoch"]}
+    if last.get("test_top5") is not None:
+        out.update(last_top5=last["test_top5"], best_top5=best.get("test_top5"))
+    return out

@@ -73,13 +73,13 @@ def _spy_steps(monkeypatch, check=None):
     steps = []
     real = StepPolicy.step
 
-    def spy(policy, total, task=None):
+    def spy(policy, total, task=None, share=1.0):
         optimizer = policy.optimizer
         params = [p for g in optimizer.param_groups for p in g["params"]]
         if check is not None:
             check(params, len(steps))
         before = [p.detach().clone() for p in params]
-        real(policy, total, task)
+        real(policy, total, task, share)
         # with momentum 0 and weight decay 0 an SGD step is p -= lr * grad: recover lr from the update
         num = sum(((b - p.detach()) * p.grad).sum() for b, p in zip(before, params) if p.grad is not None)
         den = sum((p.grad ** 2).sum() for p in params if p.grad is not None)
@@ -120,9 +120,9 @@ def test_dot_gets_the_weighted_ce_as_task_loss_and_every_other_term_as_distillat
             losses.append((total.item(), {k: v.item() for k, v in terms.items()}))
         return total, terms
 
-    def dot_spy(self, distill_loss, task_loss):
+    def dot_spy(self, distill_loss, task_loss, reduce=None):
         dot_calls.append((distill_loss.item(), task_loss.item()))
-        return real_backward_step(self, distill_loss, task_loss)
+        return real_backward_step(self, distill_loss, task_loss, reduce)
 
     monkeypatch.setattr(Method, "loss", loss_spy)
     monkeypatch.setattr(DOT, "backward_step", dot_spy)

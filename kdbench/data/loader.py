@@ -3,9 +3,12 @@
 Each Batch carries its dataset indices and augmentation parameters (crop offsets, flips), so an exact
 teacher-output cache can key on them. Both loaders draw the order and the parameters from one seeded CPU
 generator per epoch, so they produce identical batches, and a resumed run sees the same data it would have.
+In a distributed job (kdbench.distributed) the plan is the same on every rank and each rank takes every world-th
+sample of each global batch: the union of the ranks' batches is the single-process batch.
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
@@ -13,6 +16,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from kdbench.data.datasets import Split
+from kdbench.distributed import SINGLE, World
 
 
 @dataclass
@@ -22,6 +26,7 @@ class Batch:
     indices: torch.Tensor  # (N,) dataset indices
     crop_offsets: torch.Tensor  # (N, 2) (dy, dx) into the padded image; all `padding` when not cropping
     flips: torch.Tensor  # (N,) bool
+    share: float = 1.0  # this rank's part of the global batch (1 in a single process)
 
     def __len__(self) -> int:
         return len(self.targets)
@@ -60,9 +65,10 @@ class Augment:
 
 class _Loader:
     def __init__(self, split: Split, batch_size: int, mean: Sequence[float], std: Sequence[float],
-                 device: torch.device, augment: Augment = Augment(), shuffle: bool = False):
+                 device: torch.device, augment: Augment = Augment(), shuffle: bool = False, world: World = SINGLE):
         self.num_samples = len(split)
         self.batch_size = batch_size
+        self.world = world
         self.device = torch.device(device)
         self.augment = augment
         self.shuffle = shuffle
@@ -72,6 +78,13 @@ class _Loader:
 
     def __len__(self) -> int:
         return -(-self.num_samples // self.batch_size)
+
+    def _global_batches(self, order: torch.Tensor):
+        """(positions in the epoch's plan of this rank's samples, its share) for each global batch."""
+        for start in range(0, self.num_samples, self.batch_size):
+            size = min(self.batch_size, self.num_samples - start)
+            positions = torch.arange(start + self.world.rank, start + size, self.world.size)
+            yield positions, len(positions) / size
 
     def _plan(self, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         generator = torch.Generator().manual_seed(seed)
@@ -90,9 +103,16 @@ class _Loader:
         indices = torch.as_tensor(indices, dtype=torch.long).cpu()
         offsets, flips = self._augment_params(len(indices), generator)
         images, labels = self._raw(indices)
-        return self._finish(images, labels, indices.to(self.device), offsets, flips)
+        # in a distributed job every rank draws a batch of its own: each is 1/world of the global one
+        return self._finish(images, labels, indices.to(self.device), offsets, flips, 1.0 / self.world.size)
 
-    def _finish(self, raw: torch.Tensor, targets, indices, offsets, flips) -> Batch:
+    def unsharded(self) -> "_Loader":
+        """The same loader over the whole split on every rank (a teacher cache needs every sample's outputs)."""
+        whole = copy.copy(self)
+        whole.world = SINGLE
+        return whole
+
+    def _finish(self, raw: torch.Tensor, targets, indices, offsets, flips, share: float = 1.0) -> Batch:
         offsets, flips = offsets.to(self.device), flips.to(self.device)
         x = raw.to(self.device, non_blocking=True).float()
         if self.scale != 1.0:
@@ -100,7 +120,7 @@ class _Loader:
         if self.augment.active:
             x = self.augment.apply(x, offsets, flips)
         x = (x - self.mean) / self.std
-        return Batch(x, targets.to(self.device, non_blocking=True), indices.to(self.device), offsets, flips)
+        return Batch(x, targets.to(self.device, non_blocking=True), indices.to(self.device), offsets, flips, share)
 
 
 class DeviceLoader(_Loader):
@@ -118,10 +138,15 @@ class DeviceLoader(_Loader):
     def epoch(self, seed: int = 0) -> Iterator[Batch]:
         order, offsets, flips = self._plan(seed)
         order_dev = order.to(self.device)
-        for start in range(0, self.num_samples, self.batch_size):
-            idx = order_dev[start:start + self.batch_size]
-            sl = slice(start, start + self.batch_size)
-            yield self._finish(self.images[idx], self.labels[idx], idx, offsets[sl], flips[sl])
+        if not self.world.distributed:  # the common case, without indexing the plan per batch
+            for start in range(0, self.num_samples, self.batch_size):
+                idx = order_dev[start:start + self.batch_size]
+                sl = slice(start, start + self.batch_size)
+                yield self._finish(self.images[idx], self.labels[idx], idx, offsets[sl], flips[sl])
+            return
+        for positions, share in self._global_batches(order):
+            idx = order_dev[positions.to(self.device)]
+            yield self._finish(self.images[idx], self.labels[idx], idx, offsets[positions], flips[positions], share)
 
 
 class _IndexedSplit(torch.utils.data.Dataset):
@@ -149,10 +174,8 @@ class StreamLoader(_Loader):
 
     def epoch(self, seed: int = 0) -> Iterator[Batch]:
         order, offsets, flips = self._plan(seed)
-        loader = DataLoader(self.dataset, batch_size=self.batch_size, sampler=order.tolist(),
+        batches = [(positions, share) for positions, share in self._global_batches(order)]
+        loader = DataLoader(self.dataset, batch_sampler=[order[p].tolist() for p, _ in batches],
                             num_workers=self.num_workers, pin_memory=self.device.type == "cuda")
-        start = 0
-        for raw, targets, indices in loader:
-            sl = slice(start, start + len(targets))
-            start += len(targets)
-            yield self._finish(raw, targets, indices, offsets[sl], flips[sl])
+        for (raw, targets, indices), (positions, share) in zip(loader, batches):
+            yield self._finish(raw, targets, indices, offsets[positions], flips[positions], share)

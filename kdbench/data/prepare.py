@@ -7,6 +7,7 @@ import torch
 
 from kdbench.data.datasets import Split, load_splits
 from kdbench.data.loader import Augment, DeviceLoader, StreamLoader
+from kdbench.distributed import SINGLE, World
 
 
 @dataclass
@@ -19,9 +20,10 @@ class Data:
     num_classes: int
 
 
-def prepare_data(dataset, trainer, device: torch.device) -> Data:
-    """`dataset` a DatasetConfig, `trainer` a TrainerConfig (batch sizes, where the data lives). Only the training
-    loader augments; the test split is always evaluated as it is, in dataset order."""
+def prepare_data(dataset, trainer, device: torch.device, world: World = SINGLE) -> Data:
+    """`dataset` a DatasetConfig, `trainer` a TrainerConfig (batch sizes: the global ones, where the data lives).
+    Only the training loader augments; the test split is always evaluated as it is, in dataset order. Each rank of
+    a distributed job iterates its share of every batch."""
     train, test = load_splits(dataset)
     if trainer.data_on_device:
         loader_cls, extra = DeviceLoader, {}
@@ -30,6 +32,6 @@ def prepare_data(dataset, trainer, device: torch.device) -> Data:
     norm = (list(dataset.mean), list(dataset.std), device)
     augment = Augment(dataset.crop_padding, dataset.hflip)
     return Data(train, test,
-                loader_cls(train, trainer.batch_size, *norm, augment=augment, shuffle=True, **extra),
-                loader_cls(test, trainer.eval_batch_size, *norm, **extra),
+                loader_cls(train, trainer.batch_size, *norm, augment=augment, shuffle=True, world=world, **extra),
+                loader_cls(test, trainer.eval_batch_size, *norm, world=world, **extra),
                 tuple(train.images.shape[1:]), int(dataset.num_classes))

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from kdbench.distill import Method, register_method
+from kdbench.distributed import all_gather_cat, all_sum_tensor
 from kdbench.methods.common import flat_dim
 
 
@@ -112,6 +113,7 @@ class CRD(Method):
         super().__init__(cfg, pair)
         labels = torch.as_tensor(pair.train_labels).long()
         self.n_data = n = len(labels)
+        self.world = pair.world
         counts = torch.bincount(labels.cpu())
         if n == 0 or int((counts > 0).sum()) < 2:
             raise pair.incompatible(self.method_name, "CRD draws negatives from other classes; the training set has fewer than 2 classes")
@@ -136,9 +138,14 @@ class CRD(Method):
         out_t = contrast_scores(self.bank_s, e_t, contrast_idx, self.nce_t)  # teacher-anchored
         with torch.no_grad():  # fix Z once per direction, without a host sync
             first = torch.stack([out_s.mean(), out_t.mean()]) * self.n_data
+            if self.world.distributed:  # the mean over every rank's first batch: one Z on every rank
+                first = all_sum_tensor(first, self.world) / self.world.size
             self.z.copy_(torch.where(self.z < 0, first, self.z))
         z = self.z.detach()
         loss = nce_loss(out_s / z[0], self.n_data) + nce_loss(out_t / z[1], self.n_data)
+        if self.world.distributed:  # every rank updates its banks with the whole global batch: banks stay equal
+            idx = all_gather_cat(idx, self.world)
+            e_s, e_t = all_gather_cat(e_s.detach(), self.world), all_gather_cat(e_t.detach(), self.world)
         momentum_update(self.bank_s, idx, e_s, self.momentum)
         momentum_update(self.bank_t, idx, e_t, self.momentum)
         return loss
