@@ -38,8 +38,8 @@ TABLES = {
     "Sun2024_LSKD": ["lskd_cifar100_same", "lskd_cifar100_cross"],
     "Huang2022_DIST": ["dist_cifar100"],
     "Zheng2024_TTM": ["ttm_cifar100_same", "ttm_cifar100_cross"],
-    "Yang2023_NKD": [],  # ImageNet cells only (the CIFAR-100 tables are not transcribed yet)
-    "Zhou2021_WSLD": [],  # ImageNet cells only
+    "Yang2023_NKD": [],  # ImageNet cells only (yzd-v/cls_KD publishes no CIFAR-100 table of kdbench pairs)
+    "Zhou2021_WSLD": [],  # ImageNet cells only (the authors' repository has ImageNet code and results only)
     "Xu2020_SSKD": ["sskd_cifar100"],
     "Jin2023_MLKD": ["mlkd_cifar100_same", "mlkd_cifar100_cross", "mlkd_cifar100_cross_960ep"],
     "Li2023_CTKD": ["ctkd_cifar100", "ctkd_cifar100_cross"],
