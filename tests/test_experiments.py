@@ -38,11 +38,11 @@ TABLES = {
     "Sun2024_LSKD": ["lskd_cifar100_same", "lskd_cifar100_cross"],
     "Huang2022_DIST": ["dist_cifar100"],
     "Zheng2024_TTM": ["ttm_cifar100_same", "ttm_cifar100_cross"],
-    "Yang2023_NKD": [],  # ImageNet cells only (the CIFAR-100 tables are not transcribed yet)
-    "Zhou2021_WSLD": [],  # ImageNet cells only
+    "Yang2023_NKD": [],  # ImageNet cells only (yzd-v/cls_KD publishes no CIFAR-100 table of kdbench pairs)
+    "Zhou2021_WSLD": [],  # ImageNet cells only (the authors' repository has ImageNet code and results only)
     "Xu2020_SSKD": ["sskd_cifar100"],
     "Jin2023_MLKD": ["mlkd_cifar100_same", "mlkd_cifar100_cross", "mlkd_cifar100_cross_960ep"],
-    "Li2023_CTKD": ["ctkd_cifar100"],
+    "Li2023_CTKD": ["ctkd_cifar100", "ctkd_cifar100_cross"],
     # the LSKD paper's +LS rows of the plug-in methods (the KD+LS rows belong to the lskd method's own file)
     "Sun2024_LSKD_plugins": ["lskd_cifar100_dkd", "lskd_cifar100_mlkd", "lskd_cifar100_ctkd"],
     "Chen2022_SimKD": ["simkd_cifar100", "semckd_cifar100"],
@@ -50,6 +50,7 @@ TABLES = {
     "Liu2021_ICKD": ["ickd_cifar100"],
     "Miles2022_ITRD": ["itrd_cifar100_same", "itrd_cifar100_cross"],
     "Wang2023_ND": ["nd_cifar100"],
+    "Miles2024_SRD": ["srd_cifar100"],
 }
 # Data sets whose rows a paper CSV may carry before kdbench can run them (no conf/dataset/<name>.yaml yet): their cells
 # are not required to have a job until the data set exists (ImageNet is another issue).
@@ -60,7 +61,8 @@ CIFAR100_BENCHMARK = ["crd_cifar100_same", "crd_cifar100_cross", "dkd_cifar100_s
                       "dot_cifar100", "sskd_cifar100", "mlkd_cifar100_same", "mlkd_cifar100_cross",
                       "mlkd_cifar100_cross_960ep", "ctkd_cifar100", "lskd_cifar100_dkd", "lskd_cifar100_mlkd",
                       "lskd_cifar100_ctkd", "simkd_cifar100", "semckd_cifar100", "ickd_cifar100",
-                      "itrd_cifar100_same", "itrd_cifar100_cross", "nd_cifar100", "cat_kd_cifar100"]
+                      "itrd_cifar100_same", "itrd_cifar100_cross", "nd_cifar100", "cat_kd_cifar100",
+                      "ctkd_cifar100_cross", "srd_cifar100"]
 FULL_PRODUCT_MAX = 6  # larger pair x method sweeps are composed per pair and per method
 
 
