@@ -49,6 +49,7 @@ class DatasetConfig:
     test_size: Optional[int] = None
     seed: int = 0  # synthetic generation and subset selection
     exclude_train_classes: list[int] = field(default_factory=list)  # e.g. Hinton's "no 3s in the transfer set"
+    eval_resize: Optional[int] = None  # image folders: Resize(eval_resize) + CenterCrop(H) to evaluate (None: H * 8/7)
 
     def __post_init__(self):
         if not _given(self.num_classes, self.image_shape, self.mean, self.std):
@@ -149,6 +150,7 @@ class StudentConfig:
 @dataclass
 class TeacherConfig(StudentConfig):
     checkpoint: Optional[str] = None  # a weights file (kdbench or RepDistiller/mdistiller format); null = the store
+    weights: Optional[str] = None  # torchvision pretrained weights of a tv_* teacher (e.g. IMAGENET1K_V1), local cache
     seed: int = 0  # the seed the stored teacher is trained with
     recipe: Dict[str, Any] = field(default_factory=dict)  # teacher-only overrides of the recipe, per leaf
     distill: Optional[Dict[str, Any]] = None  # {from: <teacher config>, method: <method config>}: a TA (TAKD)

@@ -76,10 +76,11 @@ class ModelSpec:
 @dataclass(frozen=True)
 class TeacherSpec:
     model: ModelSpec
-    checkpoint: Optional[Path]  # a weights file, or None: the store
+    checkpoint: Optional[Path]  # a weights file, or None: pretrained weights or the store
     entry: Optional[str] = None  # the store entry, '<label>-<key of the job that trains it>'
     job: Optional["Job"] = None  # that job
     recipe: tuple[str, ...] = ()  # its teacher.recipe overrides, as 'key=value' (announced before training)
+    pretrained: Optional[str] = None  # torchvision weights of a tv_* model (teacher.weights), from the local cache
 
 
 @dataclass
@@ -190,6 +191,11 @@ def _teacher_spec(cfg: DictConfig, node: DictConfig, recipe_overrides: tuple[str
     model = ModelSpec.of(node)
     if node.checkpoint:
         return TeacherSpec(model, Path(str(node.checkpoint)).expanduser())
+    if node.get("weights"):
+        if not model.name.startswith("tv_"):
+            raise InvalidSetting(f"teacher.weights={node.weights} names torchvision weights, which only the tv_* "
+                                 f"models take (teacher={model.name}); use teacher.checkpoint=<file>")
+        return TeacherSpec(model, None, pretrained=str(node.weights))
     tcfg, trecipe, trecord = teacher_config(cfg, recipe_overrides, node)
     tjob = resolve(tcfg, trecord, trecipe)
     recipe = OmegaConf.to_container(node.recipe, resolve=True) if node.get("recipe") else {}
@@ -357,7 +363,7 @@ def _train(job: Job, out_dir: Path, record: RunRecord, logger, w: distributed.Wo
     outputs = []
     for teacher, shapes in zip(teachers, pair.teachers_shapes):
         out = TeacherOutputs(teacher, method.teacher_taps, method.teacher_train_mode)
-        exact = cache_is_exact(data.train_loader.augment.active, method.teacher_train_mode)
+        exact = cache_is_exact(data.train_loader.augmented, method.teacher_train_mode)
         fits = cache_bytes(shapes, method.teacher_taps, len(data.train)) <= tr.teacher_cache_gb * 2**30
         if tr.teacher_cache and method.teacher_cache and exact and fits:
             out.build_cache(data.train_loader, lambda: autocast(device, tr.precision))
@@ -464,7 +470,13 @@ def obtain_teacher(spec: TeacherSpec, store_root: Path, data: Data, device: torc
     model = spec.model.build(data.num_classes, data.input_shape)
     label = spec.model.label
     say = print if w.main else (lambda *a, **k: None)
-    if spec.checkpoint is not None:
+    if spec.pretrained is not None:
+        path = pretrained_file(spec.model.name, spec.pretrained)
+        say(f"kdbench: teacher {label}: torchvision weights {spec.pretrained} from {path}", flush=True)
+        model = create_model(spec.model.name, num_classes=data.num_classes, input_shape=data.input_shape,
+                             **{**spec.model.kwargs, "weights": spec.pretrained})
+        source = {"kind": "pretrained", "weights": spec.pretrained, "path": str(path), "sha256": sha256_file(path)}
+    elif spec.checkpoint is not None:
         say(f"kdbench: teacher {label}: loading checkpoint {spec.checkpoint}", flush=True)
         load_reference_checkpoint(model, load_torch(spec.checkpoint, "teacher checkpoint"), str(spec.checkpoint),
                                   spec.model.name)
@@ -498,6 +510,27 @@ def obtain_teacher(spec: TeacherSpec, store_root: Path, data: Data, device: torc
             source["distill_method"] = spec.job.labels["method"]
     model.to(device).eval().requires_grad_(False)
     return model, source
+
+
+def pretrained_file(model_name: str, weights: str) -> Path:
+    """The local file of torchvision's `weights` for a tv_* model; one clear error when it is not in the torch hub
+    cache (kdbench never downloads)."""
+    import torchvision
+
+    builder = model_name[len("tv_"):]
+    try:
+        enum = torchvision.models.get_model_weights(builder)[weights]
+    except (KeyError, ValueError):
+        choices = [w.name for w in torchvision.models.get_model_weights(builder)]
+        raise InvalidSetting(f"teacher.weights={weights}: torchvision has no such weights for {builder} "
+                             f"(it has: {', '.join(choices)})") from None
+    path = Path(torch.hub.get_dir()) / "checkpoints" / Path(enum.url).name
+    if not path.exists():
+        raise KDBenchError(f"torchvision weights {builder} {weights} are not in the torch hub cache ({path}); on a "
+                           f"machine with internet run: python -c \"import torchvision; torchvision.models.{builder}"
+                           f"(weights='{weights}')\" and copy {Path(enum.url).name} there (TORCH_HOME sets the "
+                           f"cache), or pass teacher.checkpoint=<file>")
+    return path
 
 
 def describe_training(spec: TeacherSpec) -> str:

@@ -72,7 +72,9 @@ def plan_job(job: Job) -> dict:
     for spec in job.teachers:
         plan["flops"] += forward_flops(spec.model, ds) * samples * (1 if cached else epochs)
         teacher = {"label": spec.model.label, "cached": cached}
-        if spec.checkpoint is not None:
+        if spec.pretrained is not None:
+            teacher.update(source="pretrained", weights=spec.pretrained)
+        elif spec.checkpoint is not None:
             teacher.update(source="checkpoint", path=str(spec.checkpoint))
         else:
             stored = TeacherStore(job.teacher_store).entry(spec.entry).exists()
@@ -123,6 +125,8 @@ def _chain_start(teacher: dict) -> str:
 
 
 def _teacher_note(teacher: dict, tflops: float) -> str:
+    if teacher["source"] == "pretrained":
+        return f"teacher {teacher['label']}: torchvision weights {teacher['weights']}"
     if teacher["source"] == "checkpoint":
         return f"teacher {teacher['label']}: checkpoint {teacher['path']}"
     if teacher["source"] == "store":

@@ -129,9 +129,17 @@ EXPECTED_NORMALISATION = {
     "digits": ((0.3,), (0.38,)),
     # synthetic: sigmoid(prototype + noise) lies in (0, 1) around 0.5; the repo's fixed constants.
     "synthetic": ((0.5, 0.5, 0.5), (0.25, 0.25, 0.25)),
+    # ImageNet (and any image folder by default): torchvision's ImageNet statistics, the values RepDistiller's and
+    # mdistiller's ImageNet loaders use.
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    "imagefolder": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    # Tiny ImageNet: the per-channel pixel mean/std of its training images (mdistiller's mean; its std constants
+    # 0.2302/0.2265/0.2262 are not the pixel std).
+    "tiny_imagenet": ((0.4802, 0.4481, 0.3975), (0.2770, 0.2691, 0.2821)),
 }
 EXPECTED_AUGMENTATION = {"cifar100": (4, True), "cifar10": (4, True), "synthetic": (4, True), "mnist": (0, False),
-                         "digits": (0, False)}
+                         "digits": (0, False), "imagenet": (0, True), "imagefolder": (0, True),
+                         "tiny_imagenet": (8, True)}
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED_NORMALISATION))

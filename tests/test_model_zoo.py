@@ -401,3 +401,14 @@ def test_configs_compose(student, teacher):
     cfg = compose_config([f"student={student}", f"teacher={teacher}"])
     assert cfg.student.model.name == student and cfg.teacher.model.name == teacher
     assert cfg.teacher.checkpoint is None and cfg.teacher.label == teacher
+
+
+def test_mobilenet_v1_is_the_imagenet_kd_papers_one():
+    """ResNet-50 -> MobileNet-V1 (CRD, ReviewKD, DKD on ImageNet): mdistiller's network, its module names and size."""
+    model = create_model("mobilenet_v1", num_classes=1000, input_shape=(3, 224, 224))
+    assert count_parameters(model) == 4_231_976
+    keys = list(model.state_dict())
+    assert keys[0] == "model.0.0.weight" and keys[-2:] == ["fc.weight", "fc.bias"] and len(keys) == 164
+    shapes = probe_taps(model, (3, 224, 224))
+    assert [shapes[f"stage{i}"] for i in range(1, 5)] == [(128, 56, 56), (256, 28, 28), (512, 14, 14), (1024, 7, 7)]
+    assert [bn.num_features for bn in model.bn_before_relu()] == [128, 256, 512, 1024]

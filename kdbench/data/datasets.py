@@ -29,7 +29,8 @@ class Split:
 DATASETS: Registry = Registry("dataset")
 # Full training-set sizes (before train_size / exclude_train_classes), so that a dry run needs no data.
 # digits: kdbench's stratified 80/20 split of scikit-learn's 1797 images (_digits below).
-TRAIN_SIZES = {"cifar10": 50_000, "cifar100": 50_000, "mnist": 60_000, "digits": 1_437}
+TRAIN_SIZES = {"cifar10": 50_000, "cifar100": 50_000, "mnist": 60_000, "digits": 1_437, "imagenet": 1_281_167,
+               "tiny_imagenet": 100_000}
 SYNTHETIC_DEFAULT_SIZE = 1_000  # _synthetic without dataset.train_size
 
 
@@ -42,6 +43,8 @@ def planned_train_size(cfg) -> int:
     exclude_train_classes is approximated as 1/num_classes of the set per excluded class."""
     if cfg.name == "synthetic":
         full = cfg.train_size or SYNTHETIC_DEFAULT_SIZE
+    elif cfg.name == "imagefolder" and (Path(cfg.root).expanduser() / "train").is_dir():
+        full = sum(1 for p in (Path(cfg.root).expanduser() / "train").rglob("*") if p.is_file())
     elif cfg.name in TRAIN_SIZES:
         full = TRAIN_SIZES[cfg.name]
     else:

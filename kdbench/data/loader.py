@@ -79,6 +79,11 @@ class _Loader:
     def __len__(self) -> int:
         return -(-self.num_samples // self.batch_size)
 
+    @property
+    def augmented(self) -> bool:
+        """Whether a sample's input changes from epoch to epoch (random crops or flips)."""
+        return self.augment.active
+
     def _global_batches(self, order: torch.Tensor):
         """(positions in the epoch's plan of this rank's samples, its share) for each global batch."""
         for start in range(0, self.num_samples, self.batch_size):

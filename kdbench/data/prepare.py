@@ -6,14 +6,15 @@ from dataclasses import dataclass
 import torch
 
 from kdbench.data.datasets import Split, load_splits
+from kdbench.data.folders import FolderLoader, FolderSplit
 from kdbench.data.loader import Augment, DeviceLoader, StreamLoader
 from kdbench.distributed import SINGLE, World
 
 
 @dataclass
 class Data:
-    train: Split
-    test: Split
+    train: Split | FolderSplit
+    test: Split | FolderSplit
     train_loader: DeviceLoader | StreamLoader
     test_loader: DeviceLoader | StreamLoader
     input_shape: tuple[int, ...]
@@ -25,6 +26,13 @@ def prepare_data(dataset, trainer, device: torch.device, world: World = SINGLE) 
     Only the training loader augments; the test split is always evaluated as it is, in dataset order. Each rank of
     a distributed job iterates its share of every batch."""
     train, test = load_splits(dataset)
+    if isinstance(train, FolderSplit):  # files decoded in workers: the ImageNet pipeline
+        size = int(dataset.image_shape[-1])
+        kwargs = dict(mean=list(dataset.mean), std=list(dataset.std), device=device, size=size,
+                      eval_resize=dataset.eval_resize, num_workers=trainer.num_workers, world=world)
+        return Data(train, test, FolderLoader(train, trainer.batch_size, train=True, hflip=dataset.hflip, **kwargs),
+                    FolderLoader(test, trainer.eval_batch_size, train=False, **kwargs), tuple(dataset.image_shape),
+                    int(dataset.num_classes))
     if trainer.data_on_device:
         loader_cls, extra = DeviceLoader, {}
     else:

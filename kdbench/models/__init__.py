@@ -2,7 +2,7 @@
 from kdbench.models.base import TapModel, count_parameters, probe_taps
 from kdbench.models.registry import MODELS, create_model, list_models, register_model
 from kdbench.models import (  # noqa: F401  (registration)
-    imagenet, lenet, mlp, mobilenetv2, resnet_cifar, resnetv2, shufflenetv1, shufflenetv2, takd_cnn, vgg, wrn,
+    imagenet, lenet, mlp, mobilenetv1, mobilenetv2, resnet_cifar, resnetv2, shufflenetv1, shufflenetv2, takd_cnn, vgg, wrn,
 )
 from kdbench.models.reference import load_reference_checkpoint
 
