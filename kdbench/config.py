@@ -126,6 +126,7 @@ class TrainerConfig:
     progress: bool = True  # tqdm bar over epochs
     teacher_cache: bool = True  # compute teacher outputs once per sample when exact (no augmentation, eval teacher)
     teacher_cache_gb: float = 4.0  # ... and when they fit in this much device memory
+    sync_bn: bool = False  # distributed jobs on GPUs: the student's BatchNorm statistics over the global batch
 
     def __post_init__(self):
         import re

@@ -354,7 +354,7 @@ def _train(job: Job, out_dir: Path, record: RunRecord, logger, w: distributed.Wo
             record.update(teacher_sources=sources, teachers_top1=tops)
 
     torch.manual_seed(job.seed)
-    student = job.student.build(data.num_classes, data.input_shape).to(device)
+    student = sync_batchnorm(job.student.build(data.num_classes, data.input_shape), tr.sync_bn, w, device).to(device)
     pair = _pair(job, student, teachers, data.input_shape, data.num_classes, data.train.labels, w)
     method = create_method(job.method, pair).to(device)
     if w.distributed:  # every rank starts from rank 0's weights (the seeds agree; this makes it certain)
@@ -372,6 +372,18 @@ def _train(job: Job, out_dir: Path, record: RunRecord, logger, w: distributed.Wo
                   teacher_cache=bool(outputs) and all(o.cached for o in outputs), **method.record_fields())
     _fit(job, student, method, outputs, data, out_dir, record, logger, w)
     return student
+
+
+def sync_batchnorm(student: TapModel, enabled: bool, w: distributed.World, device: torch.device) -> TapModel:
+    """With trainer.sync_bn in a distributed job, the student's BatchNorm layers normalise by the statistics of the
+    global batch (torch.nn.SyncBatchNorm), as one process with the whole batch would; otherwise each rank normalises
+    by its own shard, as DistributedDataParallel does by default. SyncBatchNorm runs on GPUs only."""
+    if not enabled or not w.distributed:
+        return student
+    if device.type != "cuda":
+        raise InvalidSetting(f"trainer.sync_bn=true needs GPUs (torch's SyncBatchNorm has no {device.type} kernel); "
+                             f"set trainer.sync_bn=false")
+    return torch.nn.SyncBatchNorm.convert_sync_batchnorm(student)
 
 
 def _fit(job: Job, student: TapModel, method: Method, outputs: list[TeacherOutputs], data: Data, out_dir: Path,
