@@ -52,9 +52,10 @@ GRANULARITIES = ("batch", "sample")
 def logit_gradients(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """g_m = d/dz_s [T^2 * batchmean KL(softmax(z_m/T) || softmax(z_s/T))] = T (softmax(z_s/T) - softmax(z_m/T)) / N,
     for teacher logits (M, N, C) -> (M, N, C); no gradient flows through the result."""
-    z_s = student_logits.detach().float()
+    dtype = torch.promote_types(student_logits.dtype, torch.float32)  # fp32 at least (bf16 autocast logits)
+    z_s = student_logits.detach().to(dtype)
     q = F.softmax(z_s / temperature, dim=1)
-    p = F.softmax(teacher_logits.detach().float() / temperature, dim=-1)
+    p = F.softmax(teacher_logits.detach().to(dtype) / temperature, dim=-1)
     return temperature * (q.unsqueeze(0) - p) / z_s.shape[0]
 
 

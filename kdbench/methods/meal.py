@@ -158,7 +158,7 @@ class MEAL(Method):
             return shapes[0][0]
         if block not in self.block_dims:
             raise pair.incompatible("meal", f"block '{block}' is a feature map: give its vector length in "
-                                            f"method.block_dims (e.g. method.block_dims.{block}=1000)")
+                                            f"method.block_dims (e.g. method.block_dims={{{block}:1000}})")
         return self.block_dims[block]
 
     # -- terms
