@@ -14,7 +14,7 @@ that teacher runs on the batch. At every block b (default: the logits only, the 
 
 with v = the block's vector: the logits themselves, or for a feature map (N, C, H, W) the repo's fc_out pooling
 (models/vgg.py with --pool_out avg): AdaptiveAvgPool1d(dim) over the H*W positions, then the mean over channels (a
-dim-vector; `block_dims` gives dim per tap). T = 1 (no temperature), the teacher side detached.
+dim-vector; `block_dims` gives dim per block, as the repo's --out_dims). T = 1 (no temperature), the teacher side detached.
 D_b (models/discriminator.py Discriminator, K = 2): d -> d//2 -> d//4 -> 2, each layer followed by a ReLU -- the last
 one too (option `final_relu`), 1x1 convolutions on the vector, i.e. Linear layers (same parameters, same default init).
 
@@ -124,7 +124,7 @@ class MEAL(Method):
         if self.adversarial not in ADVERSARIAL:
             raise KDBenchError(f"meal: method.adversarial must be one of {list(ADVERSARIAL)}, got '{self.adversarial}'")
         self.blocks = tuple(str(b) for b in (cfg.get("blocks") or ["logits"]))
-        self.block_dims = {str(k): int(v) for k, v in dict(cfg.get("block_dims") or {}).items()}
+        self.block_dims = self._dims_by_block(cfg.get("block_dims") or [])
         d_lr = cfg.get("discriminator_lr", 1e-3)
         self.discriminator_lr = None if d_lr is None else float(d_lr)
         self.discriminator_momentum = float(cfg.get("discriminator_momentum", 0.9))
@@ -140,6 +140,16 @@ class MEAL(Method):
             self.register_buffer(self._momentum_name(name), torch.zeros_like(p))
         self._draws: torch.Generator | None = None
         self._draws_epoch: int | None = None
+
+    def _dims_by_block(self, dims) -> dict[str, int]:
+        """block_dims: a list aligned with `blocks` (the repo's --out_dims; null for vector blocks), or a mapping."""
+        if isinstance(dims, dict):
+            return {str(k): int(v) for k, v in dims.items() if v is not None}
+        dims = list(dims)
+        if dims and len(dims) != len(self.blocks):
+            raise KDBenchError(f"meal: method.block_dims {dims} must give one entry per block {list(self.blocks)} "
+                               f"(null for a vector block)")
+        return {b: int(v) for b, v in zip(self.blocks, dims) if v is not None}
 
     @staticmethod
     def _momentum_name(param_name: str) -> str:
@@ -158,7 +168,8 @@ class MEAL(Method):
             return shapes[0][0]
         if block not in self.block_dims:
             raise pair.incompatible("meal", f"block '{block}' is a feature map: give its vector length in "
-                                            f"method.block_dims (e.g. method.block_dims={{{block}:1000}})")
+                                            f"method.block_dims, one entry per block (e.g. blocks [{block}, logits], "
+                                            f"block_dims [1000, null])")
         return self.block_dims[block]
 
     # -- terms

@@ -100,7 +100,9 @@ def test_feature_map_blocks_need_a_length_and_every_block_must_exist_on_all_netw
     pair = ensemble_pair(("resnet8", "resnet14"), "resnet8")
     with pytest.raises(IncompatibleModels, match="block_dims"):
         create_method(method_options("meal", blocks=["stage2", "logits"]), pair)
-    m = create_method(method_options("meal", blocks=["stage2", "logits"], block_dims={"stage2": 40}), pair)
+    with pytest.raises(KDBenchError, match="one entry per block"):
+        create_method(method_options("meal", blocks=["stage2", "logits"], block_dims=[40]), pair)
+    m = create_method(method_options("meal", blocks=["stage2", "logits"], block_dims=[40, None]), pair)
     assert m.student_taps == ("stage2",) and set(m.discriminators) == {"stage2", "logits"}
     assert m.discriminators["stage2"].body[0].in_features == 40
     with pytest.raises(IncompatibleModels, match="hidden1"):
@@ -132,6 +134,14 @@ def test_the_terms_are_the_similarity_and_the_discriminator_loss_of_each_block_a
     close(terms["sim_logits"], float(meal_similarity_loss(s["logits"], t["logits"]).detach()))
     close(terms["adv_logits"], float(meal_discriminator_loss(d(s["logits"]), d(t["logits"])).detach()))
     close(total, float((terms["sim_logits"] + terms["adv_logits"]).detach()))  # ce has weight 0: logged, not summed
+
+
+def test_the_discriminator_term_depends_on_the_teacher_vectors():
+    torch.manual_seed(0)
+    d = MealDiscriminator(10, final_relu=False).double()
+    s, t = rand64(4, 10, seed=20, scale=3.0), rand64(4, 10, seed=21, scale=3.0)
+    other = rand64(4, 10, seed=22, scale=3.0)
+    assert not torch.isclose(meal_discriminator_loss(d(s), d(t)), meal_discriminator_loss(d(s), d(other)))
 
 
 @pytest.mark.parametrize("mode, sign", [("joint", 1.0), ("reverse", -1.0)])
@@ -236,7 +246,7 @@ def test_a_job_with_two_teachers_trains_the_student_and_its_discriminator_and_re
 @pytest.mark.parametrize("teachers, student, options", [
     (("resnet32x4", "resnet32x4"), "resnet8x4", []),
     (("vgg13", "resnet32x4"), "MobileNetV2", ["method.adversarial=reverse", "method.blocks=[stage2,logits]",
-                                              "method.block_dims={stage2:64}", "+method.weights.sim_stage2=0.1",
+                                              "method.block_dims=[64,null]", "+method.weights.sim_stage2=0.1",
                                               "+method.weights.adv_stage2=1"])])
 def test_jobs_on_the_benchmark_pair_and_a_cross_architecture_ensemble(run_job, teacher_checkpoint, teachers, student,
                                                                       options):
