@@ -13,7 +13,8 @@ g_m = dL_m / dz_s = T (softmax(z_s / T) - softmax(z_m / T)) / N, an (N, C) matri
 problem is the dual of a one-class nu-SVM on the Gram matrix G_mn = <v_m, v_n>, solved with scikit-learn's libsvm
 (OneClassSVM(kernel="precomputed", nu, tol=1e-6)) with nu = 1 / (C M) clipped to [1/M, 1]; alpha = dual_coef / (M nu)
 (so sum alpha = 1 and alpha_m <= 1 / (M nu) = c). C <= 1/M gives every teacher 1/M (the average, kd_avg; returned
-directly, as libsvm cannot fit nu = 1); C >= 1 the unconstrained min-norm point (MGDA); one teacher gets weight 1. The weights are constants of the step (no gradient flows through them).
+directly, as libsvm cannot fit nu = 1); C >= 1 the unconstrained min-norm point (MGDA); one teacher gets weight 1.
+The weights are constants of the step (no gradient flows through them).
 
 What v_m is (option `granularity`):
   - batch (default, the code): v_m = the batch mean of g_m (a C-vector; find_optimal_svm averages the logit gradients
@@ -25,12 +26,13 @@ Option `normalize_gradients` (the code's --svm_norm, off by default): the v_m ar
 matrix and the solution is mapped back, alpha_m <- (alpha_m / ||v_m||) / sum_n (alpha_n / ||v_n||).
 
 Code vs paper (option `rescale_gram`, default false = the code): libsvm's stopping tolerance (1e-6) is absolute, and the
-code hands it the raw Gram matrix of the logit gradients, whose entries on CIFAR-100 are ~1e-8 to 1e-5 (the 1/N of the
-batch mean, T (q - p) with q and p close). Below that scale libsvm stops at its starting point -- alpha = c for the
-first floor(1/c) teachers, the rest of the mass on the next, 0 for the others, in teacher order (0.6, 0.4, 0 for
-three teachers at C = 0.6) -- instead of the min-norm point the paper defines. rescale_gram: true divides G by its
-largest diagonal entry first (the argmin does not change with the scale of G), which gives the min-norm weights to
-~1e-8.
+code hands it the raw Gram matrix of the batch-mean logit gradients T (q - p) / N, whose entries are of that order or
+far below it (about 1e-8 to 1e-4, shrinking as the student approaches its teachers). libsvm then stops early: near, or
+for the smallest G exactly at, its starting point -- alpha = c for the first floor(1/c) teachers, the rest of the mass
+on the next, 0 for the others, in teacher order (0.6, 0.4, 0 for three teachers at C = 0.6) -- rather than at the
+min-norm point of the problem above (the MGDA problem with a tolerance the paper describes). rescale_gram: true
+divides G by its largest diagonal entry first (the argmin does not change with the scale of G), which gives the
+min-norm weights to ~1e-8.
 
 total = ce * CE + aekd * aekd with the README's flags -r 1 -a 0.9 (-b 0 for logit KD), -C 0.6, --kd_T 4. The code's
 CIFAR-100 run (train_student.sh): three teachers, 240 epochs, batch 64, SGD 0.05 (nesterov), wd 5e-4, lr x0.1 at

@@ -1,22 +1,24 @@
 """Shen, He & Xue, AAAI 2019, "MEAL: Multi-Model Ensemble via Adversarial Learning" (official code AaronHeee/MEAL:
 main.py, loss.py, models/discriminator.py; szq0214/MEAL has no snapshot here).
 
-An ensemble of pre-trained teachers is distilled into one student without labels. Each iteration a teacher selection
-module picks ONE teacher uniformly at random (main.py teacher_selector: np.random.randint over the teachers) and only
-that teacher runs on the batch. At every block b (default: the logits only, the repo's ensemble command
-`--out_layer [-1]`), the student is pulled towards the selected teacher by a similarity loss and a discriminator D_b
-(a method module) learns to tell teacher from student vectors:
+An ensemble of pre-trained teachers is distilled into one student without labels. Each iteration the teacher
+selection module picks ONE teacher uniformly at random (main.py teacher_selector: np.random.randint over the teachers)
+and only that teacher runs on the batch. (The paper's text could not be read here beyond its abstract; the selection
+rule, like everything below, is the official code's.) At every block b (default: the logits only, the repo's ensemble
+command `--out_layer [-1]`), the student is pulled towards the selected teacher by a similarity loss, and a
+discriminator D_b (a method module) learns to tell teacher from student vectors:
 
-  sim_b = similarity(v_s, v_t)                         --loss ce (default): -(1/N) sum_i sum_c softmax(v_t)_ic log softmax(v_s)_ic
-                                                        l1 / l2: mean |v_s - v_t| / (v_s - v_t)^2; l1_soft / l2_soft: on the softmaxes
+  sim_b = similarity(v_s, v_t), with --loss ce (default) -(1/N) sum_i sum_c softmax(v_t)_ic log softmax(v_s)_ic;
+          l1 / l2: the mean of |v_s - v_t| / (v_s - v_t)^2 over all entries; l1_soft / l2_soft: the same on softmaxes
   adv_b = BCEWithLogits(D_b([v_s; v_t]), [[1, 0]] * N + [[0, 1]] * N), the mean over the 2N x 2 entries (loss.py
           discriminatorLoss: student rows are labelled [1, 0], teacher rows [0, 1])
 
 with v = the block's vector: the logits themselves, or for a feature map (N, C, H, W) the repo's fc_out pooling
 (models/vgg.py with --pool_out avg): AdaptiveAvgPool1d(dim) over the H*W positions, then the mean over channels (a
-dim-vector; `block_dims` gives dim per block, as the repo's --out_dims). T = 1 (no temperature), the teacher side detached.
+dim-vector; `block_dims` gives dim per block, as the repo's --out_dims). T = 1 (no temperature); teacher detached.
 D_b (models/discriminator.py Discriminator, K = 2): d -> d//2 -> d//4 -> 2, each layer followed by a ReLU -- the last
 one too (option `final_relu`), 1x1 convolutions on the vector, i.e. Linear layers (same parameters, same default init).
+With the final ReLU a fresh discriminator often scores small inputs 0 (BCE log 2, no gradient through those units).
 
 total = ce * CE + sum_b (sim_b * sim_b + adv_b * adv_b), with the repo's ce 0 (no labels), gamma = eta = 1.
 
@@ -25,7 +27,8 @@ Code vs paper (option `adversarial`):
     so the student too descends the discriminator's loss (the authors, issue #9: "trains discriminators and student
     jointly"; the gradient-reversal option --grl is off in every script).
   - reverse: the student's vectors reach D through a gradient reversal (identity forward, negated gradient back; the
-    repo's --grl): D descends the BCE while the student ascends it, the min-max game of the paper's adversarial loss.
+    repo's --grl): D descends the BCE while the student ascends it, the usual min-max reading of the paper's
+    "adversarial learning".
 The discriminators' learning rate (option `discriminator_lr`): the repo puts them in the student's SGD as a parameter
 group with --d_lr 1e-3 (momentum 0.9, weight decay 5e-4 from the SGD defaults, decayed with the same MultiStepLR). Here
 they are stepped by the method with that SGD rule at discriminator_lr x (the run's current lr / its base lr), their
@@ -202,7 +205,7 @@ class MEAL(Method):
         return self.loss(batch, student, teacher, step.epoch)
 
     def trainable_parameters(self):
-        """The discriminators join the run's optimizer only when discriminator_lr is null; else the method steps them."""
+        """The discriminators join the run's optimizer only if discriminator_lr is null; else the method steps them."""
         return self.discriminators.parameters() if self.discriminator_lr is None else iter(())
 
     def train_step(self, batch, step):

@@ -204,7 +204,8 @@ def test_the_method_weights_every_teacher_it_is_given_and_adds_no_parameters():
     assert set(terms) == {"ce", "aekd"} and method.last_weights.shape == (3,)
     close(terms["aekd"], float(want.detach()))
     fields = method.record_fields()
-    assert fields["n_teachers"] == 3 and fields["evaluated_head"] == "student" and "C=0.6" in fields["teacher_weighting"]
+    assert fields["n_teachers"] == 3 and fields["evaluated_head"] == "student"
+    assert "C=0.6" in fields["teacher_weighting"]
 
 
 def test_the_experiments_teachers_are_the_benchmark_recipes_one_store_entry_per_seed():
