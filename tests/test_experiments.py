@@ -62,7 +62,9 @@ CIFAR100_BENCHMARK = ["crd_cifar100_same", "crd_cifar100_cross", "dkd_cifar100_s
                       "mlkd_cifar100_cross_960ep", "ctkd_cifar100", "lskd_cifar100_dkd", "lskd_cifar100_mlkd",
                       "lskd_cifar100_ctkd", "simkd_cifar100", "semckd_cifar100", "ickd_cifar100",
                       "itrd_cifar100_same", "itrd_cifar100_cross", "nd_cifar100", "cat_kd_cifar100",
-                      "ctkd_cifar100_cross", "srd_cifar100"]
+                      "ctkd_cifar100_cross", "srd_cifar100",
+                      # multi-teacher: the first teacher of each ensemble (the others differ by seed or architecture)
+                      "ae_kd_cifar100", "ae_kd_cifar100_resnet50", "meal_cifar100"]
 FULL_PRODUCT_MAX = 6  # larger pair x method sweeps are composed per pair and per method
 
 

@@ -357,6 +357,31 @@ REFERENCE: dict[str, dict] = {
                     weights={"ce": 1.0, "inter": 1.5, "intra": 1.5, "nd": 4.0},
                     attrs={"tau": 4.0, "eps": 1e-8, "warmup_epochs": 20.0, "warmup_offset": 1, "stage_epochs": 1,
                            "stage_lr": 0.0, "teacher_taps": ("logits", "embedding")}),
+    # ---- multi-teacher methods (they learn from every entry of `teachers`). Here on the SETUP pair's teacher, plus a
+    # second teacher's logits for kd_avg / ae_kd (EXTRA_VIEWS: multi_teacher_view); MEAL's loss sees the drawn teacher.
+    # kd_avg (AE-KD's AVER baseline: README -r 1 -a 0.9, --kd_T 4): KL to the averaged soft predictions
+    "kd_avg": dict(config={"name": "kd_avg", "temperature": 4.0, "average": "probs"},
+                   weights={"ce": 1.0, "kd": 0.9},
+                   attrs={"temperature": 4.0, "average": "probs", "multi_teacher": True, "teacher_taps": ("logits",)}),
+    # AE-KD (AnTuo1998/AE-KD README -r 1 -a 0.9 -b 0 -C 0.6 --kd_T 4, --svm_norm off; one problem per batch on the
+    # batch-mean logit gradients, libsvm on the raw Gram matrix as find_optimal_svm)
+    "ae_kd": dict(config={"name": "ae_kd", "temperature": 4.0, "tolerance": 0.6, "granularity": "batch",
+                          "normalize_gradients": False, "rescale_gram": False},
+                  weights={"ce": 1.0, "aekd": 0.9},
+                  attrs={"temperature": 4.0, "tolerance": 0.6, "granularity": "batch", "normalize_gradients": False,
+                         "rescale_gram": False, "multi_teacher": True, "teacher_taps": ("logits",)}),
+    # MEAL (AaronHeee/MEAL scripts/ensemble_densenet.sh: --out_layer [-1] --loss ce --adv 1 --gamma [1] --eta [1]
+    # --d_lr 1e-3 --teacher_eval 0, no labels, no --grl); the logit discriminator 10 -> 5 -> 2 -> 2 here
+    "meal": dict(config={"name": "meal", "blocks": ["logits"], "block_dims": [], "similarity": "ce",
+                         "adversarial": "joint", "final_relu": True, "discriminator_lr": 0.001,
+                         "discriminator_momentum": 0.9, "discriminator_weight_decay": 5e-4,
+                         "teacher_train_mode": True},
+                 weights={"ce": 0.0, "sim_logits": 1.0, "adv_logits": 1.0},
+                 attrs={"teacher_train_mode": True, "multi_teacher": True, "blocks": ("logits",), "student_taps": (),
+                        "similarity": "ce", "adversarial": "joint", "discriminator_lr": 1e-3,
+                        "discriminators.logits.body.0.in_features": NUM_CLASSES,
+                        "discriminators.logits.body.0.out_features": 5, "discriminators.logits.body.2.out_features": 2,
+                        "discriminators.logits.body.4.out_features": 2, "discriminators.logits.final_relu": True}),
 }
 
 # §1.4: the DKD / ReviewKD warm-up min(epoch / 20, 1) and the terms it scales (CE is never warmed up)
@@ -426,10 +451,27 @@ def mlkd_views(pair, method, batch, s_out, t_out):
     return {**s_out, STRONG: pair.student.forward_taps(strong, method.student_taps)["logits"]}, {**t_out, STRONG: t_strong}
 
 
+def multi_teacher_view(pair, method, batch, s_out, t_out):
+    """kd_avg / ae_kd learn from every teacher: a second teacher (another SETUP-architecture net, its own seed, eval
+    mode) joins the first, their logits stacked under ENSEMBLE as the methods' forward_loss does."""
+    from kdbench.methods.teacher_ensemble import ensemble_outputs
+    from tests.conftest import build_model
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(11)
+        other = build_model(pair.teacher_name, NUM_CLASSES, SHAPE).eval()
+    with torch.no_grad():
+        t2 = other.forward_taps(batch.inputs, method.teacher_taps)
+    return s_out, ensemble_outputs([t_out, t2])
+
+
 # Methods that own their forward (a second view of the batch): how build() adds the extra outputs their terms read
-EXTRA_VIEWS = {"mlkd": mlkd_views}
+EXTRA_VIEWS = {"mlkd": mlkd_views, "kd_avg": multi_teacher_view, "ae_kd": multi_teacher_view}
 # Logged terms that do not involve the teacher (the strong view's CE, a learned temperature)
-TEACHER_FREE_TERMS = {"mlkd": {"ce_strong"}, "ctkd": {"temperature"}}
+TEACHER_FREE_TERMS = {"mlkd": {"ce_strong"}, "ctkd": {"temperature"},
+                      # MEAL's fresh logit discriminator (10 -> 5 -> 2 -> 2, a ReLU after every layer as the repo's)
+                      # scores the untrained nets' near-zero logits all 0, whatever the teacher: its BCE is log 2 here.
+                      # tests/methods/test_meal.py checks the teacher dependence on a discriminator that responds.
+                      "meal": {"adv_logits"}}
 
 
 def ramp(name: str, term: str, epoch: int) -> float:
@@ -778,6 +820,35 @@ def exp_dist_nd(m, pair, b, s, t, ref):
     return {**exp_dist(m, pair, b, s, t, ref), "nd": _nd(m, b, s, t)}
 
 
+def _teacher_stack(t):
+    """Every teacher's logits (M, N, C): the stacked ENSEMBLE entry multi_teacher_view adds (M = 2)."""
+    from kdbench.methods.teacher_ensemble import ENSEMBLE
+    assert t[ENSEMBLE].shape[0] == 2 and torch.equal(t[ENSEMBLE][0], t["logits"])
+    return t[ENSEMBLE]
+
+
+def exp_kd_avg(m, pair, b, s, t, ref):
+    from kdbench.methods.kd_avg import kd_avg_loss
+    cfg = ref["config"]
+    return {"ce": _ce(s, b), "kd": kd_avg_loss(s["logits"], _teacher_stack(t), cfg["temperature"], cfg["average"])}
+
+
+def exp_ae_kd(m, pair, b, s, t, ref):
+    from kdbench.methods.ae_kd import ae_kd_loss
+    cfg = ref["config"]
+    loss, _ = ae_kd_loss(s["logits"], _teacher_stack(t), cfg["temperature"], cfg["tolerance"], cfg["granularity"],
+                         cfg["normalize_gradients"], cfg["rescale_gram"])
+    return {"ce": _ce(s, b), "aekd": loss}
+
+
+def exp_meal(m, pair, b, s, t, ref):
+    """MEAL on the logits of the (drawn) teacher: soft CE at T 1, and the method's own logit discriminator's BCE."""
+    from kdbench.methods.meal import meal_discriminator_loss, meal_similarity_loss
+    d = m.discriminators["logits"]
+    return {"ce": _ce(s, b), "sim_logits": meal_similarity_loss(s["logits"], t["logits"], ref["config"]["similarity"]),
+            "adv_logits": meal_discriminator_loss(d(s["logits"]), d(t["logits"]))}
+
+
 EXPECTED_TERMS = {
     "kd": exp_kd, "ban": exp_kd, "tf_kd_self": exp_kd, "fitnet": exp_fitnet, "at": exp_at, "sp": exp_sp, "cc": exp_cc,
     "vid": exp_vid, "rkd": exp_rkd, "pkt": exp_pkt, "ab": exp_ab, "ft": exp_ft, "fsp": exp_fsp, "nst": exp_nst,
@@ -789,6 +860,7 @@ EXPECTED_TERMS = {
     "simkd": exp_simkd, "semckd": exp_semckd, "srrl": exp_srrl, "cat_kd": exp_cat_kd, "ickd": exp_ickd,
     "ickd_kd": exp_ickd, "srd": exp_srd, "itrd": exp_itrd, "kd_nd": exp_kd_nd, "dkd_nd": exp_dkd_nd,
     "reviewkd_nd": exp_reviewkd_nd, "dist_nd": exp_dist_nd,
+    "kd_avg": exp_kd_avg, "ae_kd": exp_ae_kd, "meal": exp_meal,
 }
 
 

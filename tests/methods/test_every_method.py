@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from kdbench.config import CONF_DIR
-from kdbench.distill import create_method, list_methods
+from kdbench.distill import create_method, list_methods, method_class
 from kdbench.errors import IncompatibleModels
 from kdbench.models import count_parameters, create_model
 from tests.conftest import REPO, TINY_SYNTHETIC, compose_config, make_batch, make_pair
@@ -258,6 +258,10 @@ def test_every_method_trains_or_refuses_the_cross_architecture_pair(run_job, cro
     teacher, student = CROSS_ARCH_PAIR.get(method, ("vgg13", "MobileNetV2"))
     overrides = [*TINY_SYNTHETIC, f"teacher={teacher}", f"student={student}", f"method={method}",
                  f"teacher.checkpoint={cross_arch_checkpoints[teacher]}", *STAGE_OPTIONS.get(method, [])]
+    if method_class(method).multi_teacher:  # kd_avg, ae_kd, meal: an ensemble of the pair's two architectures
+        overrides = [o for o in overrides if not o.startswith("teacher")] + [
+            f"+teacher@teachers.a={teacher}", f"teachers.a.checkpoint={cross_arch_checkpoints[teacher]}",
+            "+teacher@teachers.b=MobileNetV2", f"teachers.b.checkpoint={cross_arch_checkpoints['MobileNetV2']}"]
     if method in CROSS_ARCH_REFUSES:
         with pytest.raises(IncompatibleModels, match=method):
             run_job(*overrides)
