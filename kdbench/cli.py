@@ -20,7 +20,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from kdbench.config import CONF_DIR, check_experiment_names, register_configs
+from kdbench.config import CONF_DIR, check_experiment_names, check_launcher, register_configs
 from kdbench.errors import KDBenchError
 from kdbench.io import RESULTS_SETTING, ensure_writable_dir
 
@@ -163,6 +163,7 @@ def main() -> None:
         sys.exit(report_main(argv[1:]))
     try:
         check_experiment_names(argv)
+        check_launcher(argv)
         if not any(a.startswith(("-", "hydra.sweep.dir=", "hydra.run.dir=")) for a in argv):
             ensure_writable_dir(_results_root(argv), RESULTS_SETTING)  # before any job starts, in one line
     except KDBenchError as err:

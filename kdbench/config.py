@@ -230,6 +230,30 @@ def check_experiment_names(overrides: Sequence[str]) -> None:
                 raise KDBenchError(f"experiment '{name}' was removed; use {REMOVED_EXPERIMENTS[name]}")
 
 
+# Hydra launchers kdbench ships configs for (conf/hydra/launcher) or documents, and the extra that installs each.
+LAUNCHER_EXTRAS = {"slurm_gpu": ("hydra_plugins.hydra_submitit_launcher", "slurm"),
+                   "slurm_local": ("hydra_plugins.hydra_submitit_launcher", "slurm"),
+                   "submitit_slurm": ("hydra_plugins.hydra_submitit_launcher", "slurm"),
+                   "submitit_local": ("hydra_plugins.hydra_submitit_launcher", "slurm"),
+                   "joblib": ("hydra_plugins.hydra_joblib_launcher", "joblib")}
+
+
+def check_launcher(overrides: Sequence[str]) -> None:
+    """One clear error when hydra/launcher names a launcher whose Hydra plugin is not installed."""
+    import importlib.util
+
+    from kdbench.errors import KDBenchError
+
+    for override in overrides:
+        if override_key(override) != "hydra/launcher":
+            continue
+        choice = override.split("=", 1)[1]
+        module, extra = LAUNCHER_EXTRAS.get(choice, (None, None))
+        if module is not None and importlib.util.find_spec(module) is None:
+            raise KDBenchError(f"hydra/launcher={choice} needs its Hydra plugin ({module.split('.')[-1]}); install "
+                               f"it with: pip install 'kdbench[{extra}]'")
+
+
 # ----------------------------------------------------------------------------- registration and composition
 
 

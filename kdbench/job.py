@@ -458,7 +458,8 @@ def _fit(job: Job, student: TapModel, method: Method, outputs: list[TeacherOutpu
         save({"epoch": entry["epoch"], "stages_done": stages_done, "student": student.state_dict(),
                                "method": method.state_dict(), "optimizer": policy.optimizer.state_dict(),
                                "history": history, "class_errors": ev.class_errors, "config_hash": job.key})
-        record.update(history=history, last_class_errors=ev.class_errors, **summary(history))
+        # record_fields again: facts a method measures while it trains (weights it chose, draws) reach the record
+        record.update(history=history, last_class_errors=ev.class_errors, **summary(history), **method.record_fields())
         for name, head_record in head_records.items():
             head_history = [{"epoch": e["epoch"], **e["heads"][name]} for e in history if name in e.get("heads", {})]
             head_record.update(history=head_history, n_test=record.data.get("n_test"), **summary(head_history))

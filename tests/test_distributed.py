@@ -141,3 +141,43 @@ def test_sync_batchnorm_is_refused_on_cpus_in_one_line_and_is_a_no_op_for_one_pr
     converted = sync_batchnorm(model, True, World(0, 2), torch.device("cuda"))  # conversion itself needs no GPU
     kinds = {type(m).__name__ for m in converted.modules()}
     assert "SyncBatchNorm" in kinds and "BatchNorm2d" not in kinds
+
+
+# ----------------------------------------------------------------------------- Slurm through Hydra's submitit launcher
+
+
+@pytest.mark.slow  # ~60 s: submitit starts each job in its own process
+def test_a_two_job_sweep_through_the_submitit_launcher_writes_both_records_and_one_leaderboard(tmp_path):
+    from tests.conftest import kdbench_cli
+
+    out = kdbench_cli(tmp_path, "hydra/launcher=slurm_local", "method=vanilla,kd", "seed=1", "trainer.epochs=2",
+                      "trainer.progress=false", "++teacher.recipe.trainer.epochs=2", env={"OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    (sweep,) = (tmp_path / "multirun").iterdir()
+    records = {json.loads(p.read_text())["method"]: json.loads(p.read_text()) for p in sweep.glob("*/metrics.json")}
+    assert set(records) == {"vanilla", "kd"} and all(r["status"] == "completed" for r in records.values())
+    assert (sweep / ".submitit").is_dir()  # each job ran through submitit, not in this process
+    assert (sweep / "leaderboard.md").exists() and out.stdout.count("## kdbench leaderboard") == 1
+
+
+def test_a_launcher_whose_plugin_is_missing_is_named_with_the_extra_that_installs_it(monkeypatch):
+    import importlib.util
+
+    from kdbench.config import check_launcher
+    from kdbench.errors import KDBenchError
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name.startswith("hydra_plugins.hydra_submitit") else real(name, *a))
+    with pytest.raises(KDBenchError, match=r"hydra/launcher=slurm_gpu needs .* pip install 'kdbench\[slurm\]'"):
+        check_launcher(["method=kd", "hydra/launcher=slurm_gpu"])
+    check_launcher(["hydra/launcher=basic", "method=kd"])  # Hydra's own launcher needs nothing
+
+
+def test_the_shipped_slurm_config_runs_one_process_per_gpu_and_requeues_on_timeout():
+    from tests.conftest import compose_config
+
+    launcher = compose_config(["hydra/launcher=slurm_gpu", "hydra.launcher.gpus_per_node=4"],
+                              return_hydra_config=True).hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher") and launcher.tasks_per_node == 4
+    assert launcher.max_num_timeout > 0  # a requeued job resumes from its epoch checkpoint (trainer.resume)

@@ -41,11 +41,19 @@ class TwoHeads(Method):
 
     needs_teacher = False
 
+    def __init__(self, cfg, pair):
+        super().__init__(cfg, pair)
+        self.steps = 0
+
+    def terms(self, batch, student, teacher):
+        self.steps += 1
+        return {}
+
     def extra_heads(self):
         return {"same": lambda s, x: s(x), "negated": lambda s, x: -s(x)}
 
-    def record_fields(self):
-        return {"evaluated_head": "student"}
+    def record_fields(self):  # asked before training and after every epoch: what it counted reaches the record
+        return {"evaluated_head": "student", "steps_taken": self.steps}
 
 
 @register_method("test_paired_batches")
@@ -99,7 +107,7 @@ def test_each_extra_head_is_evaluated_every_epoch_and_recorded_as_its_own_row(ru
     from kdbench.report import load_records
 
     rec = run_job("method=vanilla", "method.name=test_heads", *FAST)
-    assert rec["evaluated_head"] == "student"
+    assert rec["evaluated_head"] == "student" and rec["steps_taken"] == 2 * -(-rec["n_train"] // rec["config"]["trainer"]["batch_size"])
     assert all(set(h["heads"]) == {"same", "negated"} for h in rec["history"])
     same = json.loads((tmp_path / "job" / "heads" / "same" / "metrics.json").read_text())
     negated = json.loads((tmp_path / "job" / "heads" / "negated" / "metrics.json").read_text())
