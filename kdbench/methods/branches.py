@@ -172,16 +172,20 @@ def make_tails(entry, count: int, pair: PairInfo, method: str) -> list[BranchTai
             raise pair.incompatible(method, f"its branch model {name} is not of the student's architecture "
                                             f"({type(pair.student).__name__})")
         tail = cut_tail(model, pair.input_shape)
-        with torch.no_grad():  # the branch must read the student's tap and give its shapes
-            probe = torch.zeros(2, *pair.student_shapes[tap])
-            was = tail.training
-            tail.eval()
-            feature, _, logits = tail(probe)
-            tail.train(was)
-        if tuple(feature.shape[1:]) != tuple(pair.student_shapes[last]):
-            raise pair.incompatible(method, f"its branch model {name} gives {last} of shape {tuple(feature.shape[1:])},"
-                                            f" the student {tuple(pair.student_shapes[last])}: use the student's "
-                                            f"model config (${{student.model}})")
+        was = tail.training
+        tail.eval()
+        try:  # the branch must read the student's tap and give the student's last-stage shape
+            with torch.no_grad():
+                shape = tuple(tail(torch.zeros(2, *pair.student_shapes[tap]))[0].shape[1:])
+        except RuntimeError:
+            shape = None
+        tail.train(was)
+        if shape != tuple(pair.student_shapes[last]):
+            got = f"gives {last} of shape {shape}" if shape else f"cannot read the student's {tap} " \
+                                                                 f"{tuple(pair.student_shapes[tap])}"
+            raise pair.incompatible(method, f"its branch model {name} {got} (the student's {last}: "
+                                            f"{tuple(pair.student_shapes[last])}); use the student's model config "
+                                            f"(${{student.model}})")
         tails.append(tail)
     return tails
 
