@@ -188,3 +188,13 @@ def test_ffl_job_trains_the_benchmark_student_alone_and_with_a_wrn(run_job, tmp_
     assert_online_job(record, tmp_path, "ffl", ["sub2", "fused"], TERMS)
     state = torch.load(tmp_path / "job" / "checkpoint.pt", weights_only=False)
     assert "fusion.dwconv.weight" in state["method"]
+
+
+def test_the_ffl_experiment_gives_the_fusion_module_1e_5_against_the_networks_1e_4():
+    from tests.conftest import resolve_job
+
+    job = resolve_job(["experiment=ffl_cifar100", "pair=none-resnet32", "method=ffl"])
+    assert job.optim.weight_decay == 1e-4 and job.optim.nesterov is True
+    pair = make_pair(None, "resnet32", num_classes=100, input_shape=(3, 32, 32))
+    m = create_method(job.method, pair)
+    assert m.fusion.decay_delta == pytest.approx(1e-5 - 1e-4)
