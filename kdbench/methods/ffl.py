@@ -84,7 +84,10 @@ class FusionModule(nn.Module):
 
 def ffl_loss(sub_logits: Sequence[torch.Tensor], fused_logits: torch.Tensor, targets: torch.Tensor,
              temperature: float = 3.0, eps: float = SOFT_TARGET_EPS) -> dict[str, torch.Tensor]:
-    """FFL's unweighted terms for sub-networks [z_1 (the student), z_2] and the fused logits (module docstring)."""
+    """FFL's unweighted terms (FFL-pytorch train_FFL.py train(), utils.KLLoss) for sub-networks [z_1 (the student),
+    z_2] and the fused logits z_f, with KL_T(a -> b) = soft_target_kl (target detached, T = 3, eps 1e-7):
+      ce = CE(z_1, y), sub_ce = CE(z_2, y), fused_ce = CE(z_f, y),
+      kl = KL_T(z_f -> z_1), sub_kl = KL_T(z_f -> z_2), fused_kl = KL_T((z_1 + z_2) / 2 -> z_f)."""
     if len(sub_logits) != 2:
         raise KDBenchError(f"ffl: two sub-networks expected, got {len(sub_logits)}")
     z1, z2 = sub_logits

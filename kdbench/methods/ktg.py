@@ -70,8 +70,12 @@ def ktg_kl(target_logits: torch.Tensor, source_logits: torch.Tensor, temperature
 
 def ktg_edge_loss(loss: str, gate: str, target_logits: torch.Tensor, source_logits: Optional[torch.Tensor],
                   labels: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """One edge's unweighted loss: ce (self-loop, on the labels) or kl (from the source), reduced by the gate; the kl
-    is scaled by T^2 as KLLoss does."""
+    """One edge's unweighted loss (DCL lib/loss_func.py IndependentLoss / KLLoss with their gates):
+      ce:  gate-reduce_b CE(z_target[b], y[b])
+      kl:  T^2 * gate-reduce_b sum_c q_bc log(q_bc / (p_bc + 1e-10) + 1e-10),
+           q = softmax(z_source / T) (detached), p = softmax(z_target / T)
+    gate-reduce: the batch mean (through, linear), or the batch mean of the loss times [argmax z_source = y]
+    (correct; for ce the source is the one-hot label, so no sample is masked)."""
     if loss == "ce":
         return gate_reduce(F.cross_entropy(target_logits, labels, reduction="none"), gate,
                            torch.ones_like(labels, dtype=torch.bool))

@@ -57,7 +57,10 @@ def peer_targets(peer_logits: Sequence[torch.Tensor], attention: torch.Tensor) -
 def okddip_loss(peer_logits: Sequence[torch.Tensor], attention: torch.Tensor, leader_logits: torch.Tensor,
                 targets: torch.Tensor, temperature: float = 3.0, eps: float = SOFT_TARGET_EPS,
                 detach_targets: bool = False) -> dict[str, torch.Tensor]:
-    """OKDDip's unweighted terms (see the module docstring); attention (B, m, m) rows sum to 1."""
+    """OKDDip's unweighted terms (OKDDip train_GL.py train(), utils.KL_Loss), attention a (B, m, m) with rows summing
+    to 1, t_i = sum_j a_ij z_j, z_bar = mean_i z_i and KL_T(a -> b) = soft_target_kl:
+      ce = CE(z_leader, y), peer_ce = sum_i CE(z_i, y), peer_kl = sum_i KL_T(t_i -> z_i),
+      leader_kl = KL_T(z_bar -> z_leader)   (T = 3, eps 1e-7; targets detached only with detach_targets)."""
     if len(peer_logits) < 1 or attention.shape[1:] != (len(peer_logits), len(peer_logits)):
         raise KDBenchError(f"okddip: {len(peer_logits)} peers but attention of shape {tuple(attention.shape)}")
     detach = bool(detach_targets)

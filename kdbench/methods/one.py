@@ -54,8 +54,10 @@ def gated_ensemble(branch_logits: Sequence[torch.Tensor], gate: torch.Tensor) ->
 
 def one_loss(branch_logits: Sequence[torch.Tensor], gate: torch.Tensor, targets: torch.Tensor,
              temperature: float = 3.0, eps: float = SOFT_TARGET_EPS) -> dict[str, torch.Tensor]:
-    """ONE's unweighted terms for branches [z_1 (the student), z_2, ...] and gate weights (B, m); see the module
-    docstring. The ensemble's softened posterior is the (detached) target of every branch's KL."""
+    """ONE's unweighted terms (ONE_NeurIPS2018 cifar_one.py train(), loss/kl_loss.py) for branches [z_1 (the
+    student), z_2, ..., z_m] and gate weights g (B, m), with z_e = sum_i g_i z_i and KL_T(a -> b) = soft_target_kl:
+      ce = CE(z_1, y), branch_ce = sum_{i>=2} CE(z_i, y), ensemble_ce = CE(z_e, y),
+      kl = KL_T(z_e -> z_1), branch_kl = sum_{i>=2} KL_T(z_e -> z_i)   (z_e detached in the KLs, T = 3, eps 1e-7)."""
     if len(branch_logits) != gate.shape[1] or len(branch_logits) < 2:
         raise KDBenchError(f"one: {len(branch_logits)} branches but a gate over {gate.shape[1]} (need >= 2 of each)")
     z_e = gated_ensemble(branch_logits, gate)

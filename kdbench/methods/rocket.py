@@ -18,7 +18,8 @@ the light net's block i is the booster's block i), so the booster's first blocks
 weights; batch norms and classifiers stay separate (the code's bns*/fcs). kdbench keeps the shared convs in the
 student only (the booster borrows them, unregistered), so they are counted, checkpointed and optimised once.
 `share: none` (--param_share False): two separate networks. Not reproduced: rocket_bottom.py (a light net made of the
-booster's bottom stages), the code's reflection padding and its momentum restart at each LR decay.
+booster's bottom stages), the code's reflection padding, its momentum restart at each LR decay and its initialisation
+(kaiming fan-in convs, BN scales drawn uniformly from [0, 1)); the networks keep kdbench's model-zoo initialisation.
 Evaluation: the run is the light net; head `booster` gets a record of its own.
 """
 from __future__ import annotations
@@ -37,8 +38,10 @@ SHARE_MODES = ("interval", "none")
 
 def rocket_loss(light_logits: torch.Tensor, booster_logits: torch.Tensor, targets: torch.Tensor,
                 gradient_block: bool = True) -> dict[str, torch.Tensor]:
-    """Rocket Launching's unweighted terms (module docstring): the hint is the batch mean of the summed squared
-    logit difference; with the gradient block the booster side is detached."""
+    """Rocket Launching's unweighted terms (Rocket-Launching rocket_interval.py h()):
+      ce = CE(z_light, y), booster_ce = CE(z_booster, y),
+      hint = (1/B) sum_b sum_c (z_booster[b, c] - z_light[b, c])^2   (z_booster detached with the gradient block;
+    the code divides by the configured batch size, kdbench by the batch's)."""
     course = booster_logits.detach() if gradient_block else booster_logits
     return {
         "ce": F.cross_entropy(light_logits, targets),
