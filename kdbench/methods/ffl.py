@@ -4,9 +4,9 @@
 No pre-trained teacher. Two sub-networks train together with a fusion module that classifies from both of their
 last-stage feature maps. The student is sub-network 1 (the paper's FFL-S row when recorded alone).
 `share: branch` (the code's FFL_ResNet, which reproduces the paper's Table 1): the sub-networks share the student's
-layers up to the last stage and sub-network 2 is a fresh copy of that last stage + classifier; `share: none`: sub-network
-2 is a whole network of `peer_model` (another architecture too, as the paper's heterogeneous pairs), whose last-stage
-map must have the student's spatial size.
+layers up to the last stage and sub-network 2 is a fresh copy of that last stage + classifier; `share: none`:
+sub-network 2 is a whole network of `peer_model` (another architecture too, as the paper's heterogeneous pairs),
+whose last-stage map must have the student's spatial size.
 
 Fusion module (Fusion_module): concat(f_1, f_2) (C = C_1 + C_2 channels) -> depthwise 3x3 conv (groups C, no bias)
 -> BN -> ReLU -> 1x1 conv C -> C_out (no bias; C_out = the student's last-stage width, the code's `channel`) -> BN ->

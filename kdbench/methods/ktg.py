@@ -29,7 +29,7 @@ heads node1, node2, ... get records of their own.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -62,7 +62,8 @@ def gate_reduce(per_sample: torch.Tensor, gate: str, mask: Optional[torch.Tensor
 
 
 def ktg_kl(target_logits: torch.Tensor, source_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """Per sample: sum_c q_c log(q_c / (p_c + 1e-10) + 1e-10), q = softmax(source / T) detached, p = softmax(target / T)."""
+    """Per sample: sum_c q_c log(q_c / (p_c + 1e-10) + 1e-10), q = softmax(source / T) detached,
+    p = softmax(target / T) (DCL lib/loss_func.py KLLoss.kl_divergence)."""
     p = F.softmax(target_logits.float() / temperature, dim=1)
     q = F.softmax(source_logits.detach().float() / temperature, dim=1)
     return (q * torch.log(q / (p + KL_EPS) + KL_EPS)).sum(1)
@@ -86,7 +87,8 @@ def ktg_edge_loss(loss: str, gate: str, target_logits: torch.Tensor, source_logi
 
 
 def parse_edges(edges, num_nodes: int) -> list[dict]:
-    """Checked edges (target, source, loss, gate), cutoff edges dropped; a self-loop is a ce edge, any other a kl edge."""
+    """Checked edges (target, source, loss, gate), cutoff edges dropped; a self-loop is a ce edge, any other a kl
+    edge."""
     parsed, seen = [], set()
     for edge in edges or []:
         if not isinstance(edge, dict) or not {"target", "source"} <= set(edge):

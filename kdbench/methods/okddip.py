@@ -144,7 +144,8 @@ class OKDDip(Method):
     def extra_heads(self):
         def peer(i):
             if self.share == "branch":
-                return lambda student, x: self.peer_nets[i](student.forward_taps(x, (self.branch_tap,))[self.branch_tap])[2]
+                tap = self.branch_tap
+                return lambda student, x: self.peer_nets[i](student.forward_taps(x, (tap,))[tap])[2]
             return lambda student, x: self.peer_nets[i](x)
 
         heads = {f"peer{i + 1}": peer(i) for i in range(self.num_peers)}
@@ -155,7 +156,8 @@ class OKDDip(Method):
         return {"evaluated_head": "student (the group leader)",
                 "online": {"peers": self.num_peers, "share": self.share,
                            "shared_up_to": self.branch_tap,
-                           "extra_params": {**{f"peer{i + 1}": count_parameters(n) for i, n in enumerate(self.peer_nets)},
+                           "extra_params": {**{f"peer{i + 1}": count_parameters(n)
+                                               for i, n in enumerate(self.peer_nets)},
                                             "attention": count_parameters(self.query) + count_parameters(self.key)}}}
 
 

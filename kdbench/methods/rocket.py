@@ -100,9 +100,10 @@ class Rocket(Method):
         self.shared = []
         if self.share == "interval":
             if type(self.booster) is not type(pair.student):
-                raise pair.incompatible(self.method_name, f"interval sharing needs a booster of the light net's family, "
-                                                          f"got {self.booster_name} ({type(self.booster).__name__} vs "
-                                                          f"{type(pair.student).__name__}); use method.share=none")
+                raise pair.incompatible(self.method_name,
+                                        f"interval sharing needs a booster of the light net's family, got "
+                                        f"{self.booster_name} ({type(self.booster).__name__} vs "
+                                        f"{type(pair.student).__name__}); use method.share=none")
             try:
                 self.shared = share_convs(pair.student, self.booster)
             except KDBenchError as err:

@@ -51,7 +51,8 @@ def test_every_kl_target_is_detached():
 
 
 def _np_fusion(f1, f2, m):
-    """The fusion module by explicit loops: depthwise 3x3 (pad 1), BN (train), ReLU, 1x1 conv, BN, ReLU, mean, Linear."""
+    """The fusion module by explicit loops: depthwise 3x3 (pad 1), BN (train), ReLU, 1x1 conv, BN, ReLU, mean,
+    Linear."""
     x = np.concatenate([f1, f2], axis=1)
     n, c, h, w = x.shape
     k = m.dwconv.weight.detach().numpy()

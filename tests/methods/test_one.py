@@ -93,7 +93,7 @@ def test_one_method_wires_the_branches_to_the_shared_stage2_and_the_heads_to_the
     assert all(p.grad is None for p in m.parameters())
     assert any(p.grad is not None for p in pair.student.layer3.parameters())
     pair.student.zero_grad(set_to_none=True)
-    terms["branch_ce"].backward()  # the branches' terms reach their tails and the shared layers, not the student's stage
+    terms["branch_ce"].backward()  # the branches' terms reach their tails and the shared layers, not the student's
     assert all(p.grad is None for p in pair.student.layer3.parameters()) and pair.student.conv1.weight.grad is not None
     assert all(p.grad is not None for p in m.tails.parameters())
     m.eval()
@@ -105,7 +105,8 @@ def test_one_method_wires_the_branches_to_the_shared_stage2_and_the_heads_to_the
         z = [out["logits"], m.tails[0](out["stage2"])[2], m.tails[1](out["stage2"])[2]]
         torch.testing.assert_close(heads["branch3"](pair.student, batch.inputs), z[2])
         g = m.gate(out)
-        torch.testing.assert_close(heads["ensemble"](pair.student, batch.inputs), sum(g[:, i:i + 1] * z[i] for i in range(3)))
+        ensemble = sum(g[:, i:i + 1] * z[i] for i in range(3))
+        torch.testing.assert_close(heads["ensemble"](pair.student, batch.inputs), ensemble)
     assert any(k.startswith("tails.1.") for k in m.state_dict())
 
 
