@@ -31,7 +31,8 @@ from tests.conftest import make_batch, make_pair, method_config
 
 CONF = CONF_DIR / "method"
 METHOD_YAMLS = sorted(p.stem for p in CONF.glob("*.yaml"))
-TEACHER_FREE = {"dml", "tf_kd", "vanilla", "uskd"}  # no pre-trained teacher: nothing of a teacher's to depend on
+TEACHER_FREE = {"dml", "tf_kd", "vanilla", "uskd",
+                "one", "okddip", "ffl", "ktg", "rocket"}  # no pre-trained teacher: nothing of a teacher's to depend on
 
 NUM_CLASSES, SHAPE, N_TRAIN, BATCH = 10, (3, 16, 16), 40, 8
 EPOCHS = (1, 10, 20, 240)
@@ -382,6 +383,43 @@ REFERENCE: dict[str, dict] = {
                         "discriminators.logits.body.0.in_features": NUM_CLASSES,
                         "discriminators.logits.body.0.out_features": 5, "discriminators.logits.body.2.out_features": 2,
                         "discriminators.logits.body.4.out_features": 2, "discriminators.logits.final_relu": True}),
+    # ---- online methods (issue "self-, online and multi-teacher distillation"): the authors' code, cited per entry
+    # ONE (ONE_NeurIPS2018 cifar_one.py, ONE_ResNet, kl_loss.py T 3 + 1e-7, ONE_ResNet*.sh --consistency_rampup 80):
+    # three branches, every weight 1; branches cut after stage2 of a CIFAR ResNet
+    "one": dict(config={"name": "one", "branches": 3, "branch_model": "${student.model}", "temperature": 3.0,
+                        "eps": 1e-7, "rampup_epochs": 80},
+                weights={"ce": 1.0, "branch_ce": 1.0, "ensemble_ce": 1.0, "kl": 1.0, "branch_kl": 1.0},
+                attrs={"num_branches": 3, "temperature": 3.0, "eps": 1e-7, "rampup_epochs": 80.0,
+                       "branch_tap": "stage2", "student_taps": ("stage2", "logits"), "gate_fc.out_features": 3}),
+    # OKDDip (OKDDip train_GL.py defaults: --num_branches 4 = 3 peers + leader, --temperature 3, --alpha 1,
+    # --length 80; resnet_GL.py factor 8; utils.KL_Loss +1e-7, target not detached)
+    "okddip": dict(config={"name": "okddip", "peers": 3, "share": "branch", "peer_model": "${student.model}",
+                           "temperature": 3.0, "eps": 1e-7, "factor": 8, "rampup_epochs": 80,
+                           "detach_targets": False},
+                   weights={"ce": 1.0, "peer_ce": 1.0, "peer_kl": 1.0, "leader_kl": 1.0},
+                   attrs={"num_peers": 3, "share": "branch", "temperature": 3.0, "factor": 8, "rampup_epochs": 80.0,
+                          "detach_targets": False, "branch_tap": "stage2", "query.out_features": 8,
+                          "key.out_features": 8}),
+    # FFL (FFL-pytorch train_FFL.py: every weight 1, --consistency_rampup 80, utils.KLLoss T 3 + 1e-7; the fusion
+    # module's optimizer weight decay 1e-5 against the run's)
+    "ffl": dict(config={"name": "ffl", "share": "branch", "peer_model": "${student.model}", "temperature": 3.0,
+                        "eps": 1e-7, "rampup_epochs": 80, "fusion_channels": None, "fusion_weight_decay": 1e-5,
+                        "run_weight_decay": "${optim.weight_decay}"},
+                weights={"ce": 1.0, "sub_ce": 1.0, "fused_ce": 1.0, "kl": 1.0, "sub_kl": 1.0, "fused_kl": 1.0},
+                attrs={"share": "branch", "temperature": 3.0, "rampup_epochs": 80.0, "branch_tap": "stage2",
+                       "last_tap": "stage3", "fusion_weight_decay": 1e-5, "run_weight_decay": 5e-4,
+                       "fusion.decay_delta": 1e-5 - 5e-4, "fusion.pwconv.out_channels": 64}),
+    # KTG (DCL train.py: the search template with every edge present, KLLoss T 1, loss_weight 1; here gate through)
+    "ktg": dict(config={"name": "ktg", "nodes": ["${student.model}", "${student.model}"], "temperature": 1.0,
+                        "edges": [{"target": t, "source": s, "loss": "ce" if t == s else "kl", "gate": "through"}
+                                  for t, s in ((0, 0), (0, 1), (0, 2), (1, 1), (1, 0), (1, 2), (2, 2), (2, 0), (2, 1))]},
+                weights={"ce": 1.0, "kl_0_from_1": 1.0, "kl_0_from_2": 1.0, "ce_1": 1.0, "kl_1_from_0": 1.0,
+                         "kl_1_from_2": 1.0, "ce_2": 1.0, "kl_2_from_0": 1.0, "kl_2_from_1": 1.0},
+                attrs={"temperature": 1.0, "node_names": ["resnet8", "resnet8", "resnet8"]}),
+    # Rocket Launching (README: --gamma 0.03, gradient block and parameter sharing on by default in rocket_interval.py)
+    "rocket": dict(config={"name": "rocket", "booster": "${teacher.model}", "share": "interval", "gradient_block": True},
+                   weights={"ce": 1.0, "booster_ce": 1.0, "hint": 0.03},
+                   attrs={"booster_name": "resnet14", "share": "interval", "gradient_block": True}),
 }
 
 # §1.4: the DKD / ReviewKD warm-up min(epoch / 20, 1) and the terms it scales (CE is never warmed up)
@@ -390,6 +428,10 @@ WARMED_TERMS = {"dkd": {"tckd", "nckd"}, "dkd_per_pair": {"tckd", "nckd"}, "revi
                 "kd_nd": {"kd"}, "dkd_nd": {"tckd", "nckd"}, "reviewkd_nd": {"reviewkd"}, "dist_nd": {"inter", "intra"}}
 # The ND repo's loops count epochs from 0: its ramp is min((epoch - 1) / 20, 1) in kdbench's 1-indexed epochs
 WARMUP_OFFSET = {"kd_nd": 1, "dkd_nd": 1, "reviewkd_nd": 1, "dist_nd": 1}
+# The ONE / OKDDip / FFL codes' sigmoid ramp-up exp(-5 (1 - min(e, L) / L)^2) over L epochs, e = the 0-indexed epoch
+# (kdbench epoch - 1), on exactly these terms (ONE utils/ramps.py, FFL-pytorch utils.sigmoid_rampup, OKDDip train_GL.py)
+SIGMOID_RAMPS = {"one": ({"kl", "branch_kl"}, 80), "okddip": ({"peer_kl", "leader_kl"}, 80),
+                 "ffl": ({"kl", "sub_kl", "fused_kl"}, 80)}
 
 # ----------------------------------------------------------------------------- the pair each config is built on
 # (teacher, student, extra compose overrides). Default: resnet14 -> resnet8 at 16x16 (maps 16/8/4, equal widths, so FSP
@@ -407,6 +449,12 @@ SETUP = {
     # composed for resnet110 -> resnet20 (T 4, weight 12 from the table); the loss itself only needs logits
     "lskd_per_pair": ("resnet14", "resnet8", ("teacher=resnet110", "student=resnet20")),
     "semckd": ("resnet14", "resnet8", (f"trainer.batch_size={BATCH}",)),  # its attention MLPs take whole batches
+    # the online methods build their extra networks from ${student.model} (rocket's booster from ${teacher.model})
+    "one": (None, "resnet8", ("student=resnet8",)),
+    "okddip": (None, "resnet8", ("student=resnet8",)),
+    "ffl": (None, "resnet8", ("student=resnet8",)),
+    "ktg": (None, "resnet8", ("student=resnet8",)),
+    "rocket": (None, "resnet8", ("teacher=resnet14", "student=resnet8")),
 }
 
 
@@ -475,6 +523,9 @@ TEACHER_FREE_TERMS = {"mlkd": {"ce_strong"}, "ctkd": {"temperature"},
 
 
 def ramp(name: str, term: str, epoch: int) -> float:
+    if name in SIGMOID_RAMPS:
+        terms, length = SIGMOID_RAMPS[name]
+        return math.exp(-5.0 * (1.0 - min(epoch - 1, length) / length) ** 2) if term in terms else 1.0
     shifted = max(epoch - WARMUP_OFFSET.get(name, 0), 0)
     return min(shifted / WARMUP_EPOCHS, 1.0) if term in WARMED_TERMS.get(name, ()) else 1.0
 
@@ -847,6 +898,45 @@ def exp_meal(m, pair, b, s, t, ref):
     d = m.discriminators["logits"]
     return {"ce": _ce(s, b), "sim_logits": meal_similarity_loss(s["logits"], t["logits"], ref["config"]["similarity"]),
             "adv_logits": meal_discriminator_loss(d(s["logits"]), d(t["logits"]))}
+def exp_one(m, pair, b, s, t, ref):
+    from kdbench.methods.one import gate_weights, one_loss
+    x = s["stage2"]
+    z = [s["logits"], *(tail(x)[2] for tail in m.tails)]
+    cfg = ref["config"]
+    return one_loss(z, gate_weights(x, m.gate_fc, m.gate_bn), b.targets, cfg["temperature"], cfg["eps"])
+
+
+def exp_okddip(m, pair, b, s, t, ref):
+    from kdbench.methods.okddip import okddip_loss, peer_attention
+    outs = [net(s["stage2"]) for net in m.peer_nets]
+    h = torch.stack([o[1] for o in outs], dim=1)
+    cfg = ref["config"]
+    return okddip_loss([o[2] for o in outs], peer_attention(m.query(h), m.key(h)), s["logits"], b.targets,
+                       cfg["temperature"], cfg["eps"], cfg["detach_targets"])
+
+
+def exp_ffl(m, pair, b, s, t, ref):
+    from kdbench.methods.ffl import ffl_loss
+    f2, _, z2 = m.sub2(s["stage2"])
+    cfg = ref["config"]
+    return ffl_loss([s["logits"], z2], m.fusion([s["stage3"], f2]), b.targets, cfg["temperature"], cfg["eps"])
+
+
+def exp_ktg(m, pair, b, s, t, ref):
+    from kdbench.methods.ktg import ktg_edge_loss
+    z = [s["logits"], *(node(b.inputs) for node in m.nodes)]
+    T = ref["config"]["temperature"]
+    out = {}
+    for e in ref["config"]["edges"]:
+        name = ("ce" if e["target"] == 0 else f"ce_{e['target']}") if e["loss"] == "ce" \
+            else f"kl_{e['target']}_from_{e['source']}"
+        out[name] = ktg_edge_loss(e["loss"], e["gate"], z[e["target"]], z[e["source"]], b.targets, T)
+    return out
+
+
+def exp_rocket(m, pair, b, s, t, ref):
+    from kdbench.methods.rocket import rocket_loss
+    return rocket_loss(s["logits"], m.booster(b.inputs), b.targets, ref["config"]["gradient_block"])
 
 
 EXPECTED_TERMS = {
@@ -861,6 +951,7 @@ EXPECTED_TERMS = {
     "ickd_kd": exp_ickd, "srd": exp_srd, "itrd": exp_itrd, "kd_nd": exp_kd_nd, "dkd_nd": exp_dkd_nd,
     "reviewkd_nd": exp_reviewkd_nd, "dist_nd": exp_dist_nd,
     "kd_avg": exp_kd_avg, "ae_kd": exp_ae_kd, "meal": exp_meal,
+    "one": exp_one, "okddip": exp_okddip, "ffl": exp_ffl, "ktg": exp_ktg, "rocket": exp_rocket,
 }
 
 

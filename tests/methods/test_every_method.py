@@ -229,8 +229,12 @@ def test_benchmark_method_jobs_run_resnet32x4_to_resnet8x4(run_job, random_teach
 # widths, OFD and ReviewKD need pre-activation features MobileNetV2 does not define (mdistiller cannot either).
 CROSS_ARCH_REFUSES = {"kdsvd", "fsp", "ofd", "reviewkd",
                      # CAT-KD needs the map MobileNetV2 pools (after its conv2, no tap); ReviewKD++ is reviewkd's
-                     "cat_kd", "reviewkd_nd"}
-NO_TEACHER = {"vanilla", "dml", "tf_kd", "uskd"}
+                     "cat_kd", "reviewkd_nd",
+                     # ONE, OKDDip and FFL branch off the student's last stage (MobileNetV2 has none to cut off:
+                     # method.share=none serves it in okddip and ffl); Rocket's interval sharing needs a booster of the
+                     # light net's family (method.share=none serves it)
+                     "one", "okddip", "ffl", "rocket"}
+NO_TEACHER = {"vanilla", "dml", "tf_kd", "uskd", "one", "okddip", "ffl", "ktg", "rocket"}
 STAGE_OPTIONS = {"ab": ["method.stage_epochs=1"], "fsp": ["method.stage_epochs=1"],
                  # an untrained teacher's last map is ~1e2 in scale: a tiny paraphraser LR keeps the stage finite
                  "ft": ["method.stage_epochs=1", "method.stage_lr=1e-6"],
