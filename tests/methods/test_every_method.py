@@ -229,8 +229,10 @@ def test_benchmark_method_jobs_run_resnet32x4_to_resnet8x4(run_job, random_teach
 # widths, OFD and ReviewKD need pre-activation features MobileNetV2 does not define (mdistiller cannot either).
 CROSS_ARCH_REFUSES = {"kdsvd", "fsp", "ofd", "reviewkd",
                      # CAT-KD needs the map MobileNetV2 pools (after its conv2, no tap); ReviewKD++ is reviewkd's
-                     "cat_kd", "reviewkd_nd"}
-NO_TEACHER = {"vanilla", "dml", "tf_kd", "uskd"}
+                     "cat_kd", "reviewkd_nd",
+                     # BYOT's bottleneck doubles a stage's width up to the pooled width: MobileNetV2's 12 -> 1280 cannot
+                     "byot"}
+NO_TEACHER = {"vanilla", "dml", "tf_kd", "uskd", "cs_kd", "byot", "sla_sd", "multi_exit"}
 STAGE_OPTIONS = {"ab": ["method.stage_epochs=1"], "fsp": ["method.stage_epochs=1"],
                  # an untrained teacher's last map is ~1e2 in scale: a tiny paraphraser LR keeps the stage finite
                  "ft": ["method.stage_epochs=1", "method.stage_lr=1e-6"],
