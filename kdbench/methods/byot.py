@@ -32,8 +32,8 @@ each GPU's loss on its 16 samples, their gradients averaged, i.e. the mean over 
   mmrazor  (default, what the config computes) L2Loss(normalize=False, dist=True) is handed the connector's (n, D)
            features and the recorded neck.gap output, which is (n, D, 1, 1): torch.sub broadcasts them to
            (n, D, n, D), so L = sqrt(sum_{i,c} sum_{j,d} (F_i[j, d] - F_C[i, c])^2), every pair of a student element
-           and a deepest element of the chunk (computed in closed form, M sum s^2 + M sum t^2 - 2 sum s sum t with
-           M = n D, clamped at 0)
+           and a deepest element of the chunk; computed in closed form without the (n D)^2 tensor, as
+           M sum (s - mean s)^2 + M sum (t - mean t)^2 + M^2 (mean s - mean t)^2 with M = n D elements each
   dist     the same torch.dist without the broadcast: sqrt(sum_{j,d} (F_i[j, d] - F_C[j, d])^2)
   paper    the paper's lambda ||F_i - F_C||_2^2: (1/N) sum_n ||F_i[n] - F_C[n]||^2 (no chunks)
 
@@ -72,9 +72,14 @@ def exit_kd_loss(exit_logits: Sequence[torch.Tensor], final_logits: torch.Tensor
                  ) -> torch.Tensor:
     """sum_i T^2 * (1/N) sum_n KL(softmax(z_C[n] / T) || softmax(z_i[n] / T)); z_C detached (MMRazor KLDivergence,
     reduction batchmean)."""
-    log_p_t = F.log_softmax(final_logits.detach() / temperature, dim=1)
-    return sum(F.kl_div(F.log_softmax(z / temperature, dim=1), log_p_t, reduction="batchmean", log_target=True)
+    log_p_t = F.log_softmax(_wide(final_logits.detach()) / temperature, dim=1)
+    return sum(F.kl_div(F.log_softmax(_wide(z) / temperature, dim=1), log_p_t, reduction="batchmean", log_target=True)
                for z in exit_logits) * temperature**2
+
+
+def _wide(x: torch.Tensor) -> torch.Tensor:
+    """float32 or wider (autocast's bf16/fp16 outputs are promoted for the loss)."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
 def _chunks(n: int, chunk: Optional[int]) -> list[slice]:
@@ -90,7 +95,7 @@ def feature_l2_loss(f_s: torch.Tensor, f_t: torch.Tensor, mode: str = "mmrazor",
     the mean over chunks."""
     if mode not in FEATURE_LOSSES:
         raise KDBenchError(f"byot: feature_loss must be one of {list(FEATURE_LOSSES)}, got {mode!r}")
-    s = f_s.flatten(1)
+    s = _wide(f_s.flatten(1))
     t = f_t.detach().flatten(1).to(s.dtype)
     if s.shape != t.shape:
         raise KDBenchError(f"byot: exit features {tuple(s.shape)} and deepest features {tuple(t.shape)} differ")
@@ -103,8 +108,9 @@ def feature_l2_loss(f_s: torch.Tensor, f_t: torch.Tensor, mode: str = "mmrazor",
             parts.append((a - b).pow(2).sum().sqrt())
         else:  # every (student element, deepest element) pair of the chunk
             m = a.numel()
-            total = m * a.pow(2).sum() + m * b.pow(2).sum() - 2 * a.sum() * b.sum()
-            parts.append(total.clamp_min(0).sqrt())
+            ma, mb = a.mean(), b.mean()
+            total = m * (a - ma).pow(2).sum() + m * (b - mb).pow(2).sum() + m * m * (ma - mb).pow(2)
+            parts.append(total.sqrt())
     return torch.stack(parts).mean()
 
 

@@ -52,8 +52,9 @@ def multi_exit_ce_loss(exit_logits: Sequence[torch.Tensor], targets: torch.Tenso
 def multi_exit_kd_loss(exit_logits: Sequence[torch.Tensor], final_logits: torch.Tensor, temperature) -> torch.Tensor:
     """sum_e T^2 * (1/N) sum_n -sum_c softmax(z_L / T)[n, c] * log softmax(z_e / T)[n, c], z_L detached;
     `temperature` a float or a 0-d tensor."""
-    p_t = F.softmax(final_logits.detach() / temperature, dim=1)
-    return sum(-(p_t * F.log_softmax(z / temperature, dim=1)).sum(1).mean() for z in exit_logits) * temperature**2
+    wide = lambda x: x.float() if x.dtype in (torch.float16, torch.bfloat16) else x  # noqa: E731
+    p_t = F.softmax(wide(final_logits.detach()) / temperature, dim=1)
+    return sum(-(p_t * F.log_softmax(wide(z) / temperature, dim=1)).sum(1).mean() for z in exit_logits) * temperature**2
 
 
 def annealed_temperature(final_logits: torch.Tensor, temperature: torch.Tensor, max_prob: float = 0.5,

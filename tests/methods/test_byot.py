@@ -76,6 +76,15 @@ def test_the_mmrazor_feature_loss_is_l2loss_dist_on_the_broadcast_of_features_an
     close(feature_l2_loss(s, t, "mmrazor", chunk=16), float(literal))
 
 
+def test_the_mmrazor_feature_loss_stays_exact_for_features_far_from_zero_in_float32():
+    from kdbench.methods.byot import feature_l2_loss
+
+    s = (rand64(8, 16, seed=15, scale=0.01) + 100.0).float()
+    t = (rand64(8, 16, seed=16, scale=0.01) + 100.0).float()
+    literal = torch.sqrt(torch.sum(torch.pow(torch.sub(s.double(), t.double().view(8, 16, 1, 1)), 2)))
+    close(feature_l2_loss(s, t, "mmrazor", chunk=None), float(literal), 1e-4)
+
+
 def test_the_deepest_classifier_and_features_get_no_gradient_from_the_exit_terms():
     from kdbench.methods.byot import byot_feature_loss, exit_kd_loss
 
@@ -150,10 +159,10 @@ def test_terms_read_the_exits_on_the_stage_taps_and_the_feature_term_only_on_fea
     s = pair.student.forward_taps(batch.inputs, method.student_taps)
     terms = method.terms(batch, s, None)
     feats = [head(s[tap])[0] for head, tap in zip(method.exits, method.exit_taps)]
-    close(terms["exit_feat"], float(byot_feature_loss(feats[:2], s["embedding"], "mmrazor", 16)))
+    close(terms["exit_feat"].detach(), float(byot_feature_loss(feats[:2], s["embedding"], "mmrazor", 16).detach()))
     every = create_method(method_options("byot", feature_exits=None, feature_loss="paper"), pair)
     every.load_state_dict(method.state_dict())
-    close(every.terms(batch, s, None)["exit_feat"], float(byot_feature_loss(feats, s["embedding"], "paper")))
+    close(every.terms(batch, s, None)["exit_feat"].detach(), float(byot_feature_loss(feats, s["embedding"], "paper").detach()))
 
 
 def test_each_exit_is_an_extra_head_evaluated_on_its_stage():
