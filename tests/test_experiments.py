@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
 from kdbench.config import CONF_DIR
@@ -53,6 +54,9 @@ TABLES = {
     "Miles2024_SRD": ["srd_cifar100"],
     # the online methods' tables (one, ffl, ktg, rocket have experiments but no transcribed cell yet)
     "Chen2020_OKDDip": ["okddip_cifar100"],
+    "Yun2020_CSKD": ["cs_kd_cifar100"],
+    "Zhang2019_BYOT": ["byot_cifar100", "byot_cifar100_resnet50"],  # the exits' cells are the runs' head rows
+    "Bagherinezhad2018_LabelRefinery": [],  # ImageNet cells only (label_refinery_cifar100 runs the generations)
 }
 # Data sets whose rows a paper CSV may carry before kdbench can run them (no conf/dataset/<name>.yaml yet): their cells
 # are not required to have a job until the data set exists (ImageNet is another issue).
@@ -133,14 +137,32 @@ def shortcut_cell(experiment: str, pair: str, method: str) -> tuple:
             method_labels["method"])
 
 
+def head_cells(job) -> set:
+    """The cells of the job's extra heads (exits, aggregated predictions: their own records, method `<label>@<head>`),
+    from the method built on untrained models of the job's pair, as the job checks its pair before training."""
+    from kdbench.distill import Method, create_method
+    from kdbench.job import _pair
+
+    if method_class(job.method.name).extra_heads is Method.extra_heads:
+        return set()
+    shape, classes = tuple(job.dataset.image_shape), int(job.dataset.num_classes)
+    with torch.random.fork_rng(devices=[]):
+        teachers = [spec.model.build(classes, shape) for spec in job.teachers]
+        method = create_method(job.method, _pair(job, job.student.build(classes, shape), teachers, shape, classes,
+                                                 torch.arange(2 * classes) % classes))
+    dataset, teacher, student, label = cell(job.labels)
+    return {(dataset, teacher, student, f"{label}@{name}") for name in method.extra_heads()}
+
+
 @lru_cache(maxsize=None)
 def jobs(experiment: str) -> tuple[list, frozenset]:
-    """(resolved jobs that hold every job's stored teachers, the cells of all jobs); seeds change neither."""
+    """(resolved jobs that hold every job's stored teachers, the cells of all jobs and their heads); seeds change
+    neither."""
     axes = {k: v for k, v in sweep_axes(experiment).items() if k != "seed"}
     base = f"experiment={experiment}"
     if not is_large(experiment):
         resolved = [job_of(base, *(f"{k}={v}" for k, v in zip(axes, combo))) for combo in itertools.product(*axes.values())]
-        return resolved, frozenset(cell(job.labels) for job in resolved)
+        return resolved, frozenset(cell(job.labels) for job in resolved).union(*(head_cells(job) for job in resolved))
     cells = frozenset(shortcut_cell(experiment, p, m) for p, m in itertools.product(axes["pair"], axes["method"]))
     teaching = next(m for m in axes["method"] if needs_teacher(compose(f"method={m}")))
     return [job_of(base, f"pair={p}", f"method={teaching}") for p in axes["pair"]], cells

@@ -33,6 +33,7 @@ CONF = CONF_DIR / "method"
 METHOD_YAMLS = sorted(p.stem for p in CONF.glob("*.yaml"))
 TEACHER_FREE = {"dml", "tf_kd", "vanilla", "uskd",
                 "one", "okddip", "ffl", "ktg", "rocket"}  # no pre-trained teacher: nothing of a teacher's to depend on
+TEACHER_FREE = {"dml", "tf_kd", "vanilla", "uskd", "cs_kd", "byot", "sla_sd", "multi_exit", "multi_exit_ce"}  # no pre-trained teacher: nothing of a teacher's to depend on
 
 NUM_CLASSES, SHAPE, N_TRAIN, BATCH = 10, (3, 16, 16), 40, 8
 EPOCHS = (1, 10, 20, 240)
@@ -420,6 +421,43 @@ REFERENCE: dict[str, dict] = {
     "rocket": dict(config={"name": "rocket", "booster": "${teacher.model}", "share": "interval", "gradient_block": True},
                    weights={"ce": 1.0, "booster_ce": 1.0, "hint": 0.03},
                    attrs={"booster_name": "resnet14", "share": "interval", "gradient_block": True}),
+    # ---- self-, online and multi-exit distillation (the survey list): pinned to the reference code in each docstring
+    # CS-KD (alinlab/cs-kd README CIFAR-100 command `-cls --lamda 1`, train.py --temp 4.0)
+    "cs_kd": dict(config={"name": "cs_kd", "temperature": 4.0},
+                  weights={"ce": 1.0, "cls": 1.0},
+                  attrs={"temperature": 4.0, "needs_teacher": False, "student_taps": ()}),
+    # BYOT (MMRazor byot_resnet18_8xb16_cifar100.py: CE 1.0, label 0.7, KL tau 3 0.3, L2Loss(dist) 0.03 on exits 1-2,
+    # 0 on exit 3; BYOTConnector); on resnet8 the exits sit on stage1 and stage2 (64 = deepest width)
+    "byot": dict(config={"name": "byot", "temperature": 3.0, "exits": None, "feature_exits": ["stage1", "stage2"],
+                         "feature_loss": "mmrazor", "feature_chunk": 16},
+                 weights={"ce": 1.0, "exit_ce": 0.7, "exit_kd": 0.3, "exit_feat": 0.03},
+                 attrs={"temperature": 3.0, "exit_taps": ("stage1", "stage2"), "feature_taps": ("stage1", "stage2"),
+                        "feature_loss": "mmrazor", "feature_chunk": 16, "needs_teacher": False,
+                        "student_taps": ("stage1", "stage2", "embedding"), "exits.0.fc.in_features": 64,
+                        "exits.0.fc.out_features": NUM_CLASSES}),
+    # SLA+SD (hankook/SLA trainers.py create_sla_sd_trainer, train.py --T 1): joint Linear(d, 4K) on the embedding
+    "sla_sd": dict(config={"name": "sla_sd", "temperature": 1.0},
+                   weights={"ce": 1.0, "joint": 1.0, "sd": 1.0},
+                   attrs={"temperature": 1.0, "needs_teacher": False, "student_taps": ("embedding",),
+                          "joint_head.in_features": 64, "joint_head.out_features": 4 * NUM_CLASSES}),
+    # Multi-exit distillation (mary-phuong/multiexit-distillation train_cifar.py cf_loss: C 0.5, maxprob 0.5, Tmult 1.05,
+    # T from 1, global_scale 2 * 5 / n_exits -> 10 / 3 for resnet8's 3 classifiers; exit_width 128)
+    "multi_exit": dict(config={"name": "multi_exit", "exits": None, "exit_width": 128, "temperature": 1.0,
+                               "anneal": True, "max_prob": 0.5, "anneal_factor": 1.05, "global_scale": None},
+                       weights={"ce": 0.5, "exit_ce": 0.5, "exit_kd": 0.5, "temperature": 0.0},
+                       attrs={"anneal": True, "max_prob": 0.5, "anneal_factor": 1.05, "global_scale": 10 / 3,
+                              "n_classifiers": 3, "exit_taps": ("stage1", "stage2"), "exits.0.fc.in_features": 128,
+                              "needs_teacher": False}),
+    # ... its CE-only baseline (ClassificationOnlyLoss: every exit's CE, unscaled)
+    "multi_exit_ce": dict(config={"name": "multi_exit", "label": "multi_exit_ce", "exits": None, "exit_width": 128,
+                                  "temperature": 1.0, "anneal": False, "max_prob": 0.5, "anneal_factor": 1.05,
+                                  "global_scale": 1.0},
+                          weights={"ce": 1.0, "exit_ce": 1.0, "exit_kd": 0.0, "temperature": 0.0},
+                          attrs={"anneal": False, "global_scale": 1.0, "exit_taps": ("stage1", "stage2")}),
+    # Label Refinery (hessamb/label-refinery RefineryLoss: soft-target CE, label ignored; the refinery in train mode)
+    "label_refinery": dict(config={"name": "label_refinery", "teacher_train_mode": True},
+                           weights={"ce": 0.0, "refinery": 1.0},
+                           attrs={"teacher_train_mode": True, "teacher_taps": ("logits",)}),
 }
 
 # §1.4: the DKD / ReviewKD warm-up min(epoch / 20, 1) and the terms it scales (CE is never warmed up)
@@ -455,6 +493,11 @@ SETUP = {
     "ffl": (None, "resnet8", ("student=resnet8",)),
     "ktg": (None, "resnet8", ("student=resnet8",)),
     "rocket": (None, "resnet8", ("teacher=resnet14", "student=resnet8")),
+    "cs_kd": (None, "resnet8", ()),
+    "byot": (None, "resnet8", ()),
+    "sla_sd": (None, "resnet8", ()),
+    "multi_exit": (None, "resnet8", ()),
+    "multi_exit_ce": (None, "resnet8", ()),
 }
 
 
@@ -514,6 +557,16 @@ def multi_teacher_view(pair, method, batch, s_out, t_out):
 
 # Methods that own their forward (a second view of the batch): how build() adds the extra outputs their terms read
 EXTRA_VIEWS = {"mlkd": mlkd_views, "kd_avg": multi_teacher_view, "ae_kd": multi_teacher_view}
+def cs_kd_views(pair, method, batch, s_out, t_out):
+    """CS-KD's forward_loss adds the partners' logits (a second student forward, no gradient) under PAIR."""
+    from kdbench.methods.cs_kd import PAIR
+    partners = make_batch(BATCH, NUM_CLASSES, SHAPE, seed=2)
+    with torch.no_grad():
+        pair_logits = pair.student.forward_taps(partners.inputs, ())["logits"]
+    return {**s_out, PAIR: pair_logits}, t_out
+
+
+EXTRA_VIEWS = {"mlkd": mlkd_views, "cs_kd": cs_kd_views}
 # Logged terms that do not involve the teacher (the strong view's CE, a learned temperature)
 TEACHER_FREE_TERMS = {"mlkd": {"ce_strong"}, "ctkd": {"temperature"},
                       # MEAL's fresh logit discriminator (10 -> 5 -> 2 -> 2, a ReLU after every layer as the repo's)
@@ -522,12 +575,18 @@ TEACHER_FREE_TERMS = {"mlkd": {"ce_strong"}, "ctkd": {"temperature"},
                       "meal": {"adv_logits"}}
 
 
+# Methods whose term_weights scale every weight by a constant of the built method: multi_exit's global_scale
+# (train_cifar.py: 2 * 5 / n_exits; resnet8 has 2 early exits + its own classifier)
+WEIGHT_SCALE = {"multi_exit": 10 / 3}
+
+
 def ramp(name: str, term: str, epoch: int) -> float:
     if name in SIGMOID_RAMPS:
         terms, length = SIGMOID_RAMPS[name]
         return math.exp(-5.0 * (1.0 - min(epoch - 1, length) / length) ** 2) if term in terms else 1.0
     shifted = max(epoch - WARMUP_OFFSET.get(name, 0), 0)
-    return min(shifted / WARMUP_EPOCHS, 1.0) if term in WARMED_TERMS.get(name, ()) else 1.0
+    scale = WEIGHT_SCALE.get(name, 1.0)
+    return scale * (min(shifted / WARMUP_EPOCHS, 1.0) if term in WARMED_TERMS.get(name, ()) else 1.0)
 
 
 def get_attr(obj, path: str):
@@ -937,6 +996,43 @@ def exp_ktg(m, pair, b, s, t, ref):
 def exp_rocket(m, pair, b, s, t, ref):
     from kdbench.methods.rocket import rocket_loss
     return rocket_loss(s["logits"], m.booster(b.inputs), b.targets, ref["config"]["gradient_block"])
+def exp_cs_kd(m, pair, b, s, t, ref):
+    from kdbench.methods.cs_kd import PAIR, cs_kd_loss
+    return {"ce": _ce(s, b), "cls": cs_kd_loss(s["logits"], s[PAIR], ref["config"]["temperature"])}
+
+
+def exp_byot(m, pair, b, s, t, ref):
+    """BYOT: each exit module on its stage tap; the deepest = the student's logits and embedding."""
+    from kdbench.methods.byot import byot_feature_loss, exit_ce_loss, exit_kd_loss
+    cfg = ref["config"]
+    outs = [head(s[tap]) for head, tap in zip(m.exits, ("stage1", "stage2"))]
+    return {"ce": _ce(s, b), "exit_ce": exit_ce_loss([z for _, z in outs], b.targets),
+            "exit_kd": exit_kd_loss([z for _, z in outs], s["logits"], cfg["temperature"]),
+            "exit_feat": byot_feature_loss([f for f, _ in outs], s["embedding"], cfg["feature_loss"],
+                                           cfg["feature_chunk"])}
+
+
+def exp_sla_sd(m, pair, b, s, t, ref):
+    """SLA+SD reads a view batch: rows 4i..4i+3 are image i's rotations (here 8 rows = 2 images, labels of rows 4i)."""
+    from kdbench.methods.sla_sd import sla_joint_loss, sla_sd_loss
+    y = b.targets[::4]
+    joint = m.joint_head(s["embedding"])
+    return {"ce": F.cross_entropy(s["logits"][::4], y), "joint": sla_joint_loss(joint, y),
+            "sd": sla_sd_loss(s["logits"][::4], joint, ref["config"]["temperature"])}
+
+
+def exp_multi_exit(m, pair, b, s, t, ref):
+    """Multi-exit: the exits on stage1 and stage2, the soft targets at the starting temperature (no step has run)."""
+    from kdbench.methods.multi_exit import multi_exit_ce_loss, multi_exit_kd_loss
+    logits = [head(s[tap]) for head, tap in zip(m.exits, ("stage1", "stage2"))]
+    T = ref["config"]["temperature"]
+    return {"ce": _ce(s, b), "exit_ce": multi_exit_ce_loss(logits, b.targets),
+            "exit_kd": multi_exit_kd_loss(logits, s["logits"], T), "temperature": torch.tensor(T)}
+
+
+def exp_label_refinery(m, pair, b, s, t, ref):
+    from kdbench.methods.label_refinery import refinery_loss
+    return {"ce": _ce(s, b), "refinery": refinery_loss(s["logits"], t["logits"])}
 
 
 EXPECTED_TERMS = {
@@ -952,6 +1048,8 @@ EXPECTED_TERMS = {
     "reviewkd_nd": exp_reviewkd_nd, "dist_nd": exp_dist_nd,
     "kd_avg": exp_kd_avg, "ae_kd": exp_ae_kd, "meal": exp_meal,
     "one": exp_one, "okddip": exp_okddip, "ffl": exp_ffl, "ktg": exp_ktg, "rocket": exp_rocket,
+    "cs_kd": exp_cs_kd, "byot": exp_byot, "sla_sd": exp_sla_sd, "multi_exit": exp_multi_exit,
+    "multi_exit_ce": exp_multi_exit, "label_refinery": exp_label_refinery,
 }
 
 
@@ -1029,7 +1127,7 @@ def test_every_method_config_has_an_entry_in_every_wiring_table():
     for table, what in ((REFERENCE, "REFERENCE"), (EXPECTED_TERMS, "EXPECTED_TERMS")):
         assert sorted(table) == METHOD_YAMLS, f"{what} does not cover exactly conf/method/*.yaml"
     for name in list(WARMED_TERMS) + list(SETUP) + list(EXPECTED_STAGES) + OPTIONAL_KD + list(EXTRA_VIEWS) \
-            + list(TEACHER_FREE_TERMS):
+            + list(TEACHER_FREE_TERMS) + list(WEIGHT_SCALE):
         assert name in METHOD_YAMLS, f"{name} is in a wiring table but has no conf/method/{name}.yaml"
 
 

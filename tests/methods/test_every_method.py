@@ -233,8 +233,11 @@ CROSS_ARCH_REFUSES = {"kdsvd", "fsp", "ofd", "reviewkd",
                      # ONE, OKDDip and FFL branch off the student's last stage (MobileNetV2 has none to cut off:
                      # method.share=none serves it in okddip and ffl); Rocket's interval sharing needs a booster of the
                      # light net's family (method.share=none serves it)
-                     "one", "okddip", "ffl", "rocket"}
-NO_TEACHER = {"vanilla", "dml", "tf_kd", "uskd", "one", "okddip", "ffl", "ktg", "rocket"}
+                     "one", "okddip", "ffl", "rocket",
+                     # BYOT's bottleneck doubles a stage's width up to the pooled width: MobileNetV2's 12 -> 1280 cannot
+                     "byot"}
+NO_TEACHER = {"vanilla", "dml", "tf_kd", "uskd", "one", "okddip", "ffl", "ktg", "rocket", "cs_kd", "byot", "sla_sd",
+              "multi_exit"}
 STAGE_OPTIONS = {"ab": ["method.stage_epochs=1"], "fsp": ["method.stage_epochs=1"],
                  # an untrained teacher's last map is ~1e2 in scale: a tiny paraphraser LR keeps the stage finite
                  "ft": ["method.stage_epochs=1", "method.stage_lr=1e-6"],
