@@ -31,9 +31,8 @@ from tests.conftest import make_batch, make_pair, method_config
 
 CONF = CONF_DIR / "method"
 METHOD_YAMLS = sorted(p.stem for p in CONF.glob("*.yaml"))
-TEACHER_FREE = {"dml", "tf_kd", "vanilla", "uskd",
-                "one", "okddip", "ffl", "ktg", "rocket"}  # no pre-trained teacher: nothing of a teacher's to depend on
-TEACHER_FREE = {"dml", "tf_kd", "vanilla", "uskd", "cs_kd", "byot", "sla_sd", "multi_exit", "multi_exit_ce"}  # no pre-trained teacher: nothing of a teacher's to depend on
+TEACHER_FREE = {"dml", "tf_kd", "vanilla", "uskd", "one", "okddip", "ffl", "ktg", "rocket", "cs_kd", "byot", "sla_sd",
+                "multi_exit", "multi_exit_ce"}  # no pre-trained teacher: nothing of a teacher's to depend on
 
 NUM_CLASSES, SHAPE, N_TRAIN, BATCH = 10, (3, 16, 16), 40, 8
 EPOCHS = (1, 10, 20, 240)
@@ -556,7 +555,6 @@ def multi_teacher_view(pair, method, batch, s_out, t_out):
 
 
 # Methods that own their forward (a second view of the batch): how build() adds the extra outputs their terms read
-EXTRA_VIEWS = {"mlkd": mlkd_views, "kd_avg": multi_teacher_view, "ae_kd": multi_teacher_view}
 def cs_kd_views(pair, method, batch, s_out, t_out):
     """CS-KD's forward_loss adds the partners' logits (a second student forward, no gradient) under PAIR."""
     from kdbench.methods.cs_kd import PAIR
@@ -566,7 +564,7 @@ def cs_kd_views(pair, method, batch, s_out, t_out):
     return {**s_out, PAIR: pair_logits}, t_out
 
 
-EXTRA_VIEWS = {"mlkd": mlkd_views, "cs_kd": cs_kd_views}
+EXTRA_VIEWS = {"mlkd": mlkd_views, "kd_avg": multi_teacher_view, "ae_kd": multi_teacher_view, "cs_kd": cs_kd_views}
 # Logged terms that do not involve the teacher (the strong view's CE, a learned temperature)
 TEACHER_FREE_TERMS = {"mlkd": {"ce_strong"}, "ctkd": {"temperature"},
                       # MEAL's fresh logit discriminator (10 -> 5 -> 2 -> 2, a ReLU after every layer as the repo's)
