@@ -61,6 +61,10 @@ def write_json(path: Path, data: Any) -> None:
     _atomic(path, lambda f: f.write(json.dumps(data, indent=1, default=str).encode()))
 
 
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    _atomic(path, lambda f: f.write(data))
+
+
 def save_torch(path: Path, obj: Any) -> None:
     _atomic(path, lambda f: torch.save(obj, f))
 
