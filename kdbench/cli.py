@@ -1,4 +1,6 @@
-"""`kdbench [overrides]` runs jobs from the Hydra config tree in conf/; `kdbench report DIR...` builds a leaderboard.
+"""`kdbench [overrides]` runs jobs from the Hydra config tree in conf/; `kdbench report DIR...` builds a leaderboard;
+`kdbench list|teachers|export ...` and `kdbench --help` are kdbench's own commands (kdbench.commands, store_cli,
+export); `kdbench --hydra-help` is Hydra's.
 
 The primary config is itself a multirun (the digits demo sweep), so every invocation writes a sweep dir and
 ends with its leaderboard. A failing job records status `failed` and the sweep goes on; the exit code is 1
@@ -25,6 +27,9 @@ from kdbench.errors import KDBenchError
 from kdbench.io import RESULTS_SETTING, ensure_writable_dir
 
 log = logging.getLogger("kdbench")
+# Where this invocation's jobs write (the sweep dir, or the run dir of a single run): set when a job starts, read
+# when Ctrl-C stops the sweep (its leaderboard so far and the command that resumes it).
+_where: dict = {}
 # The folders of the jobs that did not complete, from this process (in-process launchers) and from the records the
 # sweep left (launchers that run jobs elsewhere). A set: one job may be seen both ways.
 _sweep_failures: set[str] = set()
@@ -108,6 +113,7 @@ def _job(cfg: DictConfig):
     out_dir = Path(hc.runtime.output_dir)
     multirun = hc.mode == RunMode.MULTIRUN
     number = hc.job.num if multirun else None
+    _where.update(dir=str(Path(hc.sweep.dir if multirun else hc.runtime.output_dir).resolve()), multirun=multirun)
     overrides = tuple(hc.overrides.task)
     try:
         if cfg.dry_run:
@@ -152,6 +158,53 @@ def _results_root(argv: list[str]) -> Path:
     return Path(os.environ.get("KDBENCH_RESULTS", "./outputs")).expanduser()
 
 
+def _resume_command(argv: list[str], where: dict) -> str:
+    """The command that finishes an interrupted invocation: the same arguments, in the same folder (finished jobs
+    keep their records, the interrupted one continues from its last checkpointed epoch)."""
+    import shlex
+
+    key = "hydra.sweep.dir" if where.get("multirun") else "hydra.run.dir"
+    args = [a for a in argv if not a.startswith(f"{key}=")]
+    if not where.get("multirun") and not any(a.startswith("hydra.mode=") for a in args):
+        args.append("hydra.mode=RUN")
+    return " ".join(["kdbench", *map(shlex.quote, args), shlex.quote(f"{key}={where['dir']}")])
+
+
+def _sweep_dir_of(argv: list[str]) -> dict:
+    """Where this invocation wrote, when no job got as far as saying so (a launcher that runs jobs elsewhere)."""
+    if _where:
+        return dict(_where)
+    for arg in argv:
+        if arg.startswith(("hydra.sweep.dir=", "hydra.run.dir=")):
+            return {"dir": str(Path(arg.split("=", 1)[1]).resolve()), "multirun": arg.startswith("hydra.sweep")}
+    found = sorted(_results_root(argv).glob(f"multirun/*_{os.environ['KDBENCH_UID']}"))
+    return {"dir": str(found[-1].resolve()), "multirun": True} if found else {}
+
+
+def _report_interrupted(argv: list[str], how: str) -> None:
+    """After Ctrl-C or SIGTERM: the leaderboard of the jobs that finished, and the exact command that resumes."""
+    where = _sweep_dir_of(argv)
+    print(f"\nkdbench: stopped by {how}; the running job's record says interrupted and keeps its finished epochs.",
+          file=sys.stderr, flush=True)
+    if not where:
+        print("kdbench: no job had started; run the same command again.", file=sys.stderr)
+        return
+    folder = Path(where["dir"])
+    try:
+        from kdbench.report import build_report, load_records, teacher_records
+
+        records = load_records([folder])
+        if (records["status"] == "completed").any():
+            print("\n" + build_report([folder, *teacher_records([folder])], None,
+                                       title=f"finished jobs — {folder}"), flush=True)
+        else:
+            print(f"kdbench: no job of {folder} had finished.", file=sys.stderr)
+    except Exception as err:  # noqa: BLE001  (a report problem must not hide the resume command)
+        print(f"kdbench: could not build the leaderboard of {folder}: {err}", file=sys.stderr)
+    print(f"kdbench: resume with (finished jobs are kept, the interrupted one continues from its last epoch):\n"
+          f"  {_resume_command(argv, where)}", file=sys.stderr, flush=True)
+
+
 def main() -> None:
     # SIGTERM (timeout, Slurm preemption) ends a job like Ctrl-C: its record says "interrupted", epochs kept.
     signal.signal(signal.SIGTERM, _terminated)
@@ -161,6 +214,27 @@ def main() -> None:
         from kdbench.report import main as report_main
 
         sys.exit(report_main(argv[1:]))
+    if argv and argv[0] == "list":
+        from kdbench.commands import list_main
+
+        sys.exit(list_main(argv[1:]))
+    if argv and argv[0] == "teachers":
+        from kdbench.store_cli import main as teachers_main
+
+        sys.exit(teachers_main(argv[1:]))
+    if argv and argv[0] == "export":
+        from kdbench.export import main as export_main
+
+        sys.exit(export_main(argv[1:]))
+    if any(a in ("--help", "-h") for a in argv):
+        from kdbench.commands import help_text
+
+        print(help_text())
+        sys.exit(0)
+    if any(a in ("--cfg", "-c") for a in argv):
+        from kdbench.commands import sweep_note
+
+        print(sweep_note(argv), flush=True)
     try:
         check_experiment_names(argv)
         check_launcher(argv)
@@ -173,8 +247,8 @@ def main() -> None:
         _job()
     except KeyboardInterrupt as err:
         how, code = ("SIGTERM", 143) if isinstance(err, Terminated) else ("Ctrl-C", 130)
-        print(f"kdbench: stopped by {how}; the running job's record says interrupted and keeps its finished epochs. "
-              f"Run the same command again in the same folder to resume (trainer.resume).", file=sys.stderr)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the summary short
+        _report_interrupted(argv, how)
         sys.exit(code)
     if _sweep_failures:
         print(f"kdbench: {len(_sweep_failures)} job(s) did not complete; see their metrics.json "

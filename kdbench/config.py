@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence
 
@@ -111,13 +112,29 @@ class ScheduleConfig:
                min_lr=(self.min_lr >= 0, f"must be >= 0, got {self.min_lr}"))
 
 
+class Precision(str, Enum):
+    """trainer.precision, checked by OmegaConf when the config is composed (a typo fails before any job starts):
+    fp32; bf16 autocast; fp16 autocast with a gradient scaler (kdbench.optim.StepPolicy)."""
+
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+# trainer.device, checked at composition like the precision: auto, cpu, mps, cuda, cuda:0 ... cuda:15 (an Enum,
+# because OmegaConf validates only types and enums; the functional form allows the names with a colon).
+Device = Enum("Device", {name: name for name in ("auto", "cpu", "mps", "cuda", *(f"cuda:{i}" for i in range(16)))},
+              type=str)
+Device.__doc__ = "trainer.device: auto | cpu | mps | cuda | cuda:N (N < 16), checked when the config is composed."
+
+
 @dataclass
 class TrainerConfig:
     epochs: int = 240
     batch_size: int = 64
     eval_batch_size: int = 256
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    precision: str = "fp32"  # fp32 | bf16 (autocast)
+    device: Device = Device.auto  # auto | cpu | mps | cuda | cuda:N
+    precision: Precision = Precision.fp32  # fp32 | bf16 (autocast) | fp16 (autocast + gradient scaler)
     compile: bool = False  # torch.compile the student
     deterministic: bool = False  # torch.use_deterministic_algorithms, cudnn.benchmark off
     data_on_device: bool = True  # keep the dataset on the device; false streams it through a DataLoader
@@ -135,11 +152,17 @@ class TrainerConfig:
                epochs=(self.epochs >= 1, f"must be >= 1, got {self.epochs}"),
                batch_size=(self.batch_size >= 1, f"must be >= 1, got {self.batch_size}"),
                eval_batch_size=(self.eval_batch_size >= 1, f"must be >= 1, got {self.eval_batch_size}"),
-               device=(re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device) is not None,
-                       f"must be auto, cpu, mps, cuda or cuda:N, got '{self.device}'"),
-               precision=(self.precision in ("fp32", "bf16"), f"must be fp32 or bf16, got '{self.precision}'"),
+               device=(re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", _value(self.device)) is not None,
+                       f"must be auto, cpu, mps, cuda or cuda:N, got '{_value(self.device)}'"),
+               precision=(_value(self.precision) in ("fp32", "bf16", "fp16"),
+                          f"must be fp32, bf16 or fp16, got '{_value(self.precision)}'"),
                num_workers=(self.num_workers >= 0, f"must be >= 0, got {self.num_workers}"),
                teacher_cache_gb=(self.teacher_cache_gb >= 0, f"must be >= 0, got {self.teacher_cache_gb}"))
+
+
+def _value(option) -> str:
+    """An enum option's value, or the plain string a record or a test passes."""
+    return str(option.value if isinstance(option, Enum) else option)
 
 
 @dataclass
@@ -180,7 +203,7 @@ def is_semantic(key: str) -> bool:
 
 def semantic_config(config: dict | DictConfig) -> dict:
     """The config without its non-semantic settings: what the run's hash and the store key are made of."""
-    data = OmegaConf.to_container(config, resolve=True) if isinstance(config, DictConfig) else dict(config)
+    data = OmegaConf.to_container(config, resolve=True, enum_to_str=True) if isinstance(config, DictConfig) else dict(config)
 
     def prune(node: dict, prefix: str) -> dict:
         out = {}

@@ -144,6 +144,9 @@ class StageStep:
 
 
 class Method(nn.Module):
+    # What `kdbench list methods` shows: the paper ("Authors, Title, Venue Year") and the reference code it follows.
+    paper: str = ""
+    code: str = ""
     student_taps: tuple[str, ...] = ()
     teacher_taps: tuple[str, ...] = ()
     needs_teacher: bool = True

@@ -4,7 +4,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import subprocess
+import sys
 import tempfile
 from functools import lru_cache
 from pathlib import Path
@@ -61,18 +63,41 @@ def write_json(path: Path, data: Any) -> None:
     _atomic(path, lambda f: f.write(json.dumps(data, indent=1, default=str).encode()))
 
 
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    _atomic(path, lambda f: f.write(data))
+
+
 def save_torch(path: Path, obj: Any) -> None:
     _atomic(path, lambda f: torch.save(obj, f))
 
 
-def load_torch(path: Path, what: str = "checkpoint") -> Any:
-    """torch.load with one clear error for missing or unreadable files."""
+def load_torch(path: Path, what: str = "checkpoint", allow_pickle: bool = False) -> Any:
+    """torch.load with weights_only=True (tensors and plain containers only: loading runs no pickled code) and one
+    clear error for missing or unreadable files. kdbench's own files (run checkpoints, stored teachers) always load
+    this way. `allow_pickle`: a file the user named (teacher.checkpoint, e.g. a reference repository's checkpoint
+    holding numpy scalars) that weights_only refuses is loaded fully after a one-line warning."""
     path = Path(path)
     if not path.is_file():
         raise CorruptCheckpoint(f"{what} {path} does not exist; check the path")
     try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        if "Unsupported global" not in str(err):  # not a refused class: a damaged or foreign file
+            raise CorruptCheckpoint(f"{what} {path} is unreadable (not a torch checkpoint, or damaged); "
+                                    f"delete it (a stored teacher is then retrained) or replace it") from None
+        if not allow_pickle:
+            raise CorruptCheckpoint(f"{what} {path} holds Python objects beyond tensors and plain containers, which "
+                                    f"kdbench does not unpickle (torch.load weights_only=True); re-save its tensors "
+                                    f"(e.g. {{'model': state_dict}}) or replace it") from None
+        refused = next((line.strip() for line in str(err).splitlines() if "Unsupported global" in line), "")[:160]
+        print(f"kdbench: {what} {path} needs full unpickling (weights_only=True refused it: {refused}); loading it "
+              f"as a file you named", file=sys.stderr, flush=True)
+    except Exception as err:  # truncated zip, garbage, ...
+        raise CorruptCheckpoint(f"{what} {path} is unreadable ({type(err).__name__}: {err}); "
+                                f"delete it (a stored teacher is then retrained) or replace it") from None
+    try:
         return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # truncated zip, pickle garbage, ...
+    except Exception as err:
         raise CorruptCheckpoint(f"{what} {path} is unreadable ({type(err).__name__}: {err}); "
                                 f"delete it (a stored teacher is then retrained) or replace it") from None
 

@@ -113,7 +113,7 @@ class Job:
 def _typed(schema, node: DictConfig, group: str):
     """A schema'd group as its dataclass; a key the schema lacks (e.g. added with '+') is an error naming the
     closest valid key."""
-    data = OmegaConf.to_container(node, resolve=True)
+    data = OmegaConf.to_container(node, resolve=True, enum_to_str=True)  # trainer.precision/device: plain strings
     names = [f.name for f in fields(schema)]
     unknown = sorted(set(data) - set(names))
     if unknown:
@@ -176,7 +176,7 @@ def resolve(cfg: DictConfig, overrides: Sequence[str] = (), recipe_overrides: Op
     labels = labels_of(cfg)
     recipe_overrides = tuple(overrides if recipe_overrides is None else recipe_overrides)
     teachers = tuple(_teacher_spec(cfg, node, recipe_overrides) for node in teacher_nodes(cfg))
-    config = OmegaConf.to_container(cfg, resolve=True)
+    config = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     return Job(config=config, overrides=tuple(overrides), labels=labels, key=config_hash(semantic_config(config)),
                seed=int(cfg.seed), dataset=_typed(DatasetConfig, cfg.dataset, "dataset"),
                optim=_typed(OptimConfig, cfg.optim, "optim"), schedule=_typed(ScheduleConfig, cfg.schedule, "schedule"),
@@ -408,7 +408,8 @@ def _fit(job: Job, student: TapModel, method: Method, outputs: list[TeacherOutpu
         if stage.name in stages_done:
             continue
         run = Run(student, StageStep(stage, method), teacher.with_taps(stage.teacher_taps) if teacher else None,
-                  data.train_loader, constant_sgd_step(stage.parameters, stage.lr, stage.momentum, stage.weight_decay, w),
+                  data.train_loader, constant_sgd_step(stage.parameters, stage.lr, stage.momentum, stage.weight_decay,
+                                                    tr.precision, w),
                   job.seed + STAGE_SEED_OFFSET, tr.precision)
         fit(run, range(1, stage.epochs + 1), stage.lr_at,
             progress=f"{method.method_name}:{stage.name}" if tr.progress else None)
@@ -418,7 +419,7 @@ def _fit(job: Job, student: TapModel, method: Method, outputs: list[TeacherOutpu
                                "config_hash": job.key})
 
     params = [p for p in chain(student.parameters(), method.trainable_parameters()) if p.requires_grad]
-    policy = build_step(params, job.optim, w)
+    policy = build_step(params, job.optim, tr.precision, w)
     history: list[dict] = []
     start = 1
     if state is not None and state["epoch"] > 0:
@@ -491,7 +492,7 @@ def obtain_teacher(spec: TeacherSpec, store_root: Path, data: Data, device: torc
         source = {"kind": "pretrained", "weights": spec.pretrained, "path": str(path), "sha256": sha256_file(path)}
     elif spec.checkpoint is not None:
         say(f"kdbench: teacher {label}: loading checkpoint {spec.checkpoint}", flush=True)
-        load_reference_checkpoint(model, load_torch(spec.checkpoint, "teacher checkpoint"), str(spec.checkpoint),
+        load_reference_checkpoint(model, load_torch(spec.checkpoint, "teacher checkpoint", allow_pickle=True), str(spec.checkpoint),
                                   spec.model.name)
         source = {"kind": "checkpoint", "path": str(spec.checkpoint), "sha256": sha256_file(spec.checkpoint)}
     else:

@@ -95,13 +95,19 @@ def apply_max_norm(optimizer: torch.optim.Optimizer, max_norm: float) -> None:
 class StepPolicy:
     """One update from a batch's loss: zero the gradients, backward, (in a distributed job) average the gradients
     over the ranks, optimizer step, then the weight constraint (max-norm) if any. `separates_task` policies (DOT)
-    also get the loss's weighted task part. `share` is the batch's part of the global batch."""
+    also get the loss's weighted task part. `share` is the batch's part of the global batch.
+
+    With a gradient scaler (trainer.precision=fp16, torch.amp.GradScaler): backward of scale * loss, then
+    scaler.step unscales the gradients and skips the step when one is inf/NaN, and scaler.update adapts the scale
+    (halved after a skipped step, doubled after 2000 clean ones). The step taken equals the unscaled one."""
 
     separates_task = False
 
-    def __init__(self, optimizer: torch.optim.Optimizer, max_norm: Optional[float] = None, world: World = SINGLE):
+    def __init__(self, optimizer: torch.optim.Optimizer, max_norm: Optional[float] = None, scaler=None,
+                 world: World = SINGLE):
         self.optimizer = optimizer
         self.max_norm = max_norm
+        self.scaler = scaler
         self.world = world
 
     def set_lr(self, lr: float) -> None:
@@ -117,11 +123,21 @@ class StepPolicy:
     def _reduce(self, share: float):
         return (lambda grads: average_gradients(grads, share, self.world)) if self.world.distributed else None
 
+    def _grads(self):
+        return [p.grad for g in self.optimizer.param_groups for p in g["params"]]
+
     def _update(self, total, task, share) -> None:
-        total.backward()
-        if self.world.distributed:
-            self._reduce(share)([p.grad for g in self.optimizer.param_groups for p in g["params"]])
-        self.optimizer.step()
+        if self.scaler is None:
+            total.backward()
+            if self.world.distributed:
+                self._reduce(share)(self._grads())
+            self.optimizer.step()
+            return
+        self.scaler.scale(total).backward()
+        if self.world.distributed:  # scaled gradients averaged: the scale is the same on every rank
+            self._reduce(share)(self._grads())
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
 
 
 class DOTStep(StepPolicy):
@@ -134,14 +150,34 @@ class DOTStep(StepPolicy):
         self.optimizer.backward_step(total - task, task, self._reduce(share))
 
 
-def build_step(params, optim: OptimConfig, world: World = SINGLE) -> StepPolicy:
+def grad_scaler(params, precision: str = "fp32"):
+    """A gradient scaler for fp16 autocast (on the parameters' device), None for fp32 and bf16 (bf16 has fp32's
+    exponent range: gradients do not underflow)."""
+    if str(getattr(precision, "value", precision)) != "fp16":
+        return None
+    params = list(params)
+    device = params[0].device.type if params else "cpu"
+    return torch.amp.GradScaler(device)
+
+
+def build_step(params, optim: OptimConfig, precision: str = "fp32", world: World = SINGLE) -> StepPolicy:
+    params = list(params)
     optimizer = build_optimizer(params, optim)
-    return (DOTStep if isinstance(optimizer, DOT) else StepPolicy)(optimizer, optim.max_norm, world)
+    scaler = grad_scaler(params, precision)
+    if isinstance(optimizer, DOT):
+        if scaler is not None:
+            raise KDBenchError("optim=dot takes two backward passes per step, which the fp16 gradient scaler does not "
+                               "cover; use trainer.precision=bf16 or fp32 with optim=dot")
+        return DOTStep(optimizer, optim.max_norm, world=world)
+    return StepPolicy(optimizer, optim.max_norm, scaler, world)
 
 
-def constant_sgd_step(params, lr: float, momentum: float, weight_decay: float, world: World = SINGLE) -> StepPolicy:
+def constant_sgd_step(params, lr: float, momentum: float, weight_decay: float, precision: str = "fp32",
+                      world: World = SINGLE) -> StepPolicy:
     """The pre-training stages' policy (RepDistiller's init stage): plain SGD at a constant LR."""
-    return StepPolicy(torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay), world=world)
+    params = list(params)
+    return StepPolicy(torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay), None,
+                      grad_scaler(params, precision), world)
 
 
 def lr_at(epoch: int, base_lr: float, schedule: ScheduleConfig, epochs: int) -> float:

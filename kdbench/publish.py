@@ -16,6 +16,7 @@ import json
 import re
 import shutil
 import sys
+import textwrap
 from pathlib import Path
 
 import pandas as pd
@@ -24,7 +25,7 @@ from omegaconf import OmegaConf
 from kdbench.config import CONF_DIR, current_experiment
 from kdbench.record import RECORD_FILE
 from kdbench.report import (PAPER_DIR, build_report, display_table, find_records, leaderboard, load_paper, load_records,
-                            paper_tables, to_markdown, variant)
+                            paper_tables, split_table, to_markdown, variant)
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "results"
@@ -64,8 +65,25 @@ def _commands(records: list[dict]) -> list[str]:
             continue
         prog = Path(argv[0]).name
         cmd = ("python -m kdbench.bias" if prog == "bias.py" else "kdbench" if prog in ("kdbench", "-c") else prog)
-        seen.setdefault(" ".join([cmd, *argv[1:]]), None)
+        seen.setdefault(" ".join([cmd, *map(portable, argv[1:])]), None)
     return list(seen)
+
+
+_RESULT_FOLDERS = ("multirun", "runs", "teachers")
+
+
+def portable(arg: str) -> str:
+    """A recorded command-line argument without the absolute path of the machine it ran on: a path below a results
+    root becomes `<results>/multirun/...` (runs/, teachers/ likewise), any other absolute path `<dir>/<its name>`;
+    `key=/abs/path` keeps its key."""
+    key, sep, value = arg.rpartition("=") if "=" in arg else ("", "", arg)
+    if not value.startswith(("/", "~")):
+        return arg
+    parts = Path(value).parts
+    for i, part in enumerate(parts):
+        if part in _RESULT_FOLDERS and i > 0:
+            return f"{key}{sep}<results>/" + "/".join(parts[i:])
+    return f"{key}{sep}<dir>/{Path(value).name}"
 
 
 def _experiments(records: list[dict]) -> set[str]:
@@ -94,10 +112,26 @@ def _hw_text(hw: dict) -> str:
     return text + (f", {hw['gpu']}" if hw.get("gpu") else "")
 
 
-def plot_vs_paper(board: pd.DataFrame, path: Path, title: str) -> bool:
-    """One point per paper cell: ours minus paper, with the report's tolerance as the error bar. False if no cell."""
+PLOT_WIDTH_IN, PLOT_DPI = 8.0, 120  # 960 px: shown at about that width in results/README.md, so text stays readable
+
+
+def _cell_label(r) -> str:
+    """Two short lines per cell: the pair and method, then dataset, metric, n and any variant setting (wrapped)."""
+    if getattr(r, "role", "") == "teacher":
+        first = f"teacher {r.student}"
+    else:
+        first = f"{r.teacher}→{r.student} {r.method}" if r.teacher else f"{r.student} alone ({r.method})"
+    second = f"{r.dataset} · {r.metric} · n={r.n}"
+    extra = variant(r.setting).strip(" ()")
+    lines = [first, second] + (textwrap.wrap(extra, 44, break_on_hyphens=False) if extra else [])
+    return "\n".join(lines)
+
+
+def vs_paper_figure(board: pd.DataFrame, title: str):
+    """The figure of plot_vs_paper (None if no cell): one row per paper cell, ours − paper with the report's
+    tolerance as the error bar, the two values at the right; laid out to fit its labels (constrained layout)."""
     if board.empty or "delta" not in board or board["delta"].isna().all():
-        return False
+        return None
     import matplotlib
 
     matplotlib.use("Agg")
@@ -106,26 +140,37 @@ def plot_vs_paper(board: pd.DataFrame, path: Path, title: str) -> bool:
     cells = board[board["delta"].notna()].copy()
     cells["unit"] = ["test errors" if str(m).startswith("test_errors") else "top-1 points" for m in cells["metric"]]
     groups = list(cells.groupby("unit", sort=True))
-    heights = [max(1.5, 0.32 * len(g) + 0.9) for _, g in groups]
-    fig, axes = plt.subplots(len(groups), 1, figsize=(9, sum(heights)), squeeze=False,
-                             gridspec_kw={"height_ratios": heights})
+    row_in = 0.46  # two label lines at 8.5 pt, with room between rows
+    heights = [max(1.4, row_in * len(g) + 0.8) for _, g in groups]
+    fig, axes = plt.subplots(len(groups), 1, figsize=(PLOT_WIDTH_IN, sum(heights) + 0.6), squeeze=False,
+                             gridspec_kw={"height_ratios": heights}, layout="constrained")
     for ax, (unit, g) in zip(axes[:, 0], groups):
-        labels = [f"{r.dataset} {r.teacher or '—'}→{r.student} {r.method}{variant(r.setting)} [{r.metric}, n={r.n}]"
-                  for r in g.itertuples()]
-        y = range(len(g))
+        y = list(range(len(g)))
         colors = ["tab:green" if w else "tab:red" for w in g["within"]]
-        ax.errorbar(g["delta"], y, xerr=g["tol"], fmt="none", ecolor="0.6", capsize=3)
+        ax.errorbar(g["delta"], y, xerr=g["tol"], fmt="none", ecolor="0.55", capsize=3)
         ax.scatter(g["delta"], y, c=colors, zorder=3)
-        for yi, (ours, paper) in zip(y, zip(g["ours"], g["value"])):
-            ax.annotate(f"ours {ours:.1f} / paper {paper:g}", (0, yi), xytext=(4, 4), textcoords="offset points",
-                        fontsize=7, color="0.3", xycoords=("axes fraction", "data"))
         ax.axvline(0, color="k", lw=0.8)
-        ax.set_yticks(list(y), labels, fontsize=8)
-        ax.set_xlabel(f"ours − paper ({unit}); bar = tolerance, green = within")
-        ax.invert_yaxis()
-    axes[0, 0].set_title(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+        ax.set_yticks(y, [_cell_label(r) for r in g.itertuples()], fontsize=8.5)
+        ax.set_ylim(len(g) - 0.5, -0.5)
+        right = ax.twinx()  # ours / paper beside each row, outside the plotting area
+        right.set_ylim(ax.get_ylim())
+        right.set_yticks(y, [f"{o:.1f} / {p:g}" for o, p in zip(g["ours"], g["value"])], fontsize=8.5)
+        right.set_ylabel("ours / paper", fontsize=9)
+        ax.set_xlabel(f"ours − paper ({unit})", fontsize=9.5)
+        ax.tick_params(axis="x", labelsize=9)
+        ax.grid(axis="x", color="0.9")
+    fig.suptitle(f"{title}\n(bar: tolerance; green: within it)", fontsize=10.5)
+    return fig
+
+
+def plot_vs_paper(board: pd.DataFrame, path: Path, title: str) -> bool:
+    """One point per paper cell: ours minus paper, with the report's tolerance as the error bar. False if no cell."""
+    fig = vs_paper_figure(board, title)
+    if fig is None:
+        return False
+    import matplotlib.pyplot as plt
+
+    fig.savefig(path, dpi=PLOT_DPI)
     plt.close(fig)
     return True
 
@@ -138,7 +183,8 @@ def _configured_not_run(run_experiments: set[str]) -> list[str]:
         if name in run_experiments:
             continue
         conf = OmegaConf.load(path)
-        params = OmegaConf.to_container(conf.get("hydra", {}) or {}).get("sweeper", {}).get("params", {})
+        hydra_node = conf.get("hydra")
+        params = (OmegaConf.to_container(hydra_node) if hydra_node else {}).get("sweeper", {}).get("params", {})
         jobs = 1
         for values in params.values():
             jobs *= len(str(values).split(","))
@@ -198,7 +244,15 @@ def publish(results: Path = RESULTS, paper_dir: Path | None = None) -> str:
         if cmds:
             parts += ["Commands (as recorded):", "", "```", *cmds, "```", ""]
         parts += [*_provenance(records), ""]
-        parts += [to_markdown(display_table(board)) if not board.empty else "_no completed runs_", ""]
+        if board.empty:
+            parts += ["_no completed runs_", ""]
+        else:  # two tables, so that neither wraps at a page's width
+            ours, compared = split_table(display_table(board))
+            parts += [to_markdown(ours), ""]
+            if compared is not None and not compared.empty:
+                parts += ["Compared with the papers' cells (the paper's metric and protocol; ✓ within the tolerance):",
+                          "", to_markdown(compared.drop(columns=["dataset"]) if compared["dataset"].nunique() == 1
+                                          and ours["dataset"].nunique() == 1 else compared), ""]
         for name, grid in paper_tables(board):
             parts += [f"### {name} (ours / paper)", "", to_markdown(grid), ""]
         if has_plot:

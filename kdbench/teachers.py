@@ -147,3 +147,94 @@ class TeacherOutputs:
         if self.cache is not None:
             return {name: value[batch.indices] for name, value in self.cache.items()}
         return self._forward(batch.inputs)
+
+
+# ----------------------------------------------------------------------------- what the store holds (kdbench teachers)
+
+
+@dataclass
+class StoredTeacher:
+    """One folder of the store as `kdbench teachers` shows it."""
+
+    entry: StoreEntry
+    meta: Optional[dict]  # None: half-written (training died, or is running now) or not a store entry
+    record: Optional[dict]  # the training job's record (train/metrics.json), when readable
+    size: int  # bytes of the whole folder
+
+    @property
+    def complete(self) -> bool:
+        return self.meta is not None
+
+
+def _read_json(path: Path) -> Optional[dict]:
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def scan_store(root: Path) -> list[StoredTeacher]:
+    """Every entry folder below the store root, complete or not, by name."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    out = []
+    for directory in sorted(p for p in root.iterdir() if p.is_dir()):
+        entry = StoreEntry(directory)
+        size = sum(f.stat().st_size for f in directory.rglob("*") if f.is_file())
+        out.append(StoredTeacher(entry, _read_json(entry.meta) if entry.exists() else None,
+                                 _read_json(entry.train_dir / "metrics.json"), size))
+    return out
+
+
+def verify_entry(entry: StoreEntry) -> tuple[bool, str]:
+    """(ok, what was found): the weights' sha256 against the one recorded in meta.json."""
+    meta = _read_json(entry.meta)
+    if meta is None:
+        return False, "incomplete: no readable meta.json (training died or is running)"
+    if not entry.weights.exists():
+        return False, f"missing {WEIGHTS_FILE}"
+    sha = sha256_file(entry.weights)
+    if sha != meta.get("sha256"):
+        return False, f"sha256 mismatch: file {sha[:12]}…, recorded {str(meta.get('sha256'))[:12]}…"
+    return True, f"sha256 ok ({sha[:12]}…)"
+
+
+def is_locked(entry: StoreEntry) -> bool:
+    """Whether a job holds the entry's lock now (it is being trained)."""
+    lock = entry.directory / ".lock"
+    if not lock.exists():
+        return False
+    with open(lock, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(handle, fcntl.LOCK_UN)
+    return False
+
+
+def store_users(entries: list[StoredTeacher], record_roots) -> dict[str, list[Path]]:
+    """{entry name: the run folders whose records name it as their teacher (teacher_source, teacher_sources)},
+    from every metrics.json below `record_roots` (the store itself included: a TA's training used its teacher)."""
+    names = {t.entry.name for t in entries}
+    users: dict[str, list[Path]] = {name: [] for name in names}
+    seen = set()
+    for root in map(Path, record_roots):
+        if not root.is_dir():
+            continue
+        for path in root.rglob("metrics.json"):
+            if path.resolve() in seen:
+                continue
+            seen.add(path.resolve())
+            rec = _read_json(path)
+            if rec is None:
+                continue
+            sources = [rec.get("teacher_source") or {}, *(rec.get("teacher_sources") or [])]
+            for source in sources:
+                if isinstance(source, dict) and source.get("kind") == "store" and source.get("path"):
+                    name = Path(source["path"]).parent.name
+                    if name in users and path.parent not in users[name]:
+                        users[name].append(path.parent)
+    return users

@@ -67,11 +67,11 @@ def test_two_sweeps_in_the_same_second_do_not_collide(tmp_path):
 
 def test_report_subcommand(tmp_path):
     assert kdbench_cli(tmp_path, "method=kd", "seed=1", *FAST).returncode == 0
-    for flags, teacher_row in (([], False), (["--teachers"], True)):
+    for flags, teacher_row in ((["--no-teachers"], False), ([], True)):
         out = subprocess.run([*KDBENCH, "report", str(tmp_path / "multirun"), "--out", str(tmp_path / "rep"), *flags],
                              capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
         assert out.returncode == 0 and "| digits | mlp_32 | mlp_32 | kd |" in out.stdout
-        assert ("| digits |  | mlp_32 | vanilla |" in out.stdout) == teacher_row
+        assert ("| digits | mlp_32 | — | teacher (vanilla) |" in out.stdout) == teacher_row
     assert (tmp_path / "rep" / "leaderboard.html").exists()
 
 

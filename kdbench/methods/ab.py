@@ -43,6 +43,9 @@ def ab_loss(g_s, g_t, margin: float = 1.0) -> torch.Tensor:
 
 @register_method("ab")
 class AB(Method):
+    paper = ("Heo et al., Knowledge Transfer via Distillation of Activation Boundaries Formed by Hidden Neurons, "
+             "AAAI 2019")
+    code = "HobbitLong/RepDistiller distiller_zoo/AB.py"
     def __init__(self, cfg, pair):
         super().__init__(cfg, pair)
         self.margin = float(cfg.get("margin", 1.0))

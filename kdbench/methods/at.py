@@ -28,6 +28,8 @@ def at_loss(student_maps: Sequence[torch.Tensor], teacher_maps: Sequence[torch.T
 
 @register_method("at")
 class AT(Method):
+    paper = "Zagoruyko & Komodakis, Paying More Attention to Attention, ICLR 2017"
+    code = "HobbitLong/RepDistiller distiller_zoo/AT.py; megvii-research/mdistiller AT"
     def __init__(self, cfg, pair):
         super().__init__(cfg, pair)
         self.p = float(cfg.get("p", 2.0))

@@ -44,6 +44,8 @@ def cat_loss(cam_s: torch.Tensor, cam_t: torch.Tensor, resolution: int, normaliz
 
 @register_method("cat_kd")
 class CATKD(Method):
+    paper = "Guo et al., Class Attention Transfer Based Knowledge Distillation, CVPR 2023"
+    code = "GzyAftermath/CAT-KD mdistiller/distillers/CAT_KD.py"
     def __init__(self, cfg, pair):
         super().__init__(cfg, pair)
         name = self.method_name

@@ -42,6 +42,8 @@ def cc_paper_loss(e_s: torch.Tensor, e_t: torch.Tensor, gamma: float = 0.4, orde
 
 @register_method("cc")
 class CC(Method):
+    paper = "Peng et al., Correlation Congruence for Knowledge Distillation, ICCV 2019"
+    code = "HobbitLong/RepDistiller distiller_zoo/CC.py"
     student_taps = ("embedding",)
     teacher_taps = ("embedding",)
 

@@ -39,6 +39,8 @@ def conditional_ts_loss(student_logits: torch.Tensor, teacher_logits: torch.Tens
 
 @register_method("cond_ts")
 class ConditionalTS(Method):
+    paper = "Meng et al., Conditional Teacher-Student Learning, ICASSP 2019"
+    code = "none released; from the paper"
     teacher_taps = ("logits",)
 
     def __init__(self, cfg, pair):

@@ -106,6 +106,8 @@ class Embed(nn.Module):
 
 @register_method("crd")
 class CRD(Method):
+    paper = "Tian, Krishnan & Isola, Contrastive Representation Distillation, ICLR 2020"
+    code = "HobbitLong/RepDistiller crd/"
     student_taps = ("embedding",)
     teacher_taps = ("embedding",)
 

@@ -142,6 +142,8 @@ class CurriculumTemperature(nn.Module):
 @register_method("ctkd")
 class CTKD(Method):
     """KD at CTKD's learnable temperature: terms `kd` (at T) and `temperature` (mean T, logged with weight 0)."""
+    paper = "Li et al., Curriculum Temperature for Knowledge Distillation, AAAI 2023"
+    code = "zhengli97/CTKD models/temp_global.py"
 
     teacher_taps = ("logits",)
 

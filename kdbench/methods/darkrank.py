@@ -81,6 +81,9 @@ def darkrank_soft_loss(student_emb: torch.Tensor, teacher_emb: torch.Tensor, alp
 
 @register_method("darkrank")
 class DarkRank(Method):
+    paper = ("Chen, Wang & Zhang, DarkRank: Accelerating Deep Metric Learning via Cross Sample Similarities Transfer, "
+             "AAAI 2018")
+    code = "none released; from the paper"
     student_taps = ("embedding",)
     teacher_taps = ("embedding",)
 

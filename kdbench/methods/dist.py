@@ -49,6 +49,8 @@ def dist_intra_loss(z_s: torch.Tensor, z_t: torch.Tensor, tau: float = 4.0, eps:
 @register_method("dist")
 class DIST(Method):
     """Terms `inter` (beta) and `intra` (gamma) next to the base class's `ce`."""
+    paper = "Huang et al., Knowledge Distillation from A Stronger Teacher (DIST), NeurIPS 2022"
+    code = "hunto/image_classification_sota lib/models/losses/dist_kd.py"
 
     teacher_taps = ("logits",)
 

@@ -47,6 +47,8 @@ def dkd_loss(z_s, z_t, target, alpha: float = 1.0, beta: float = 8.0, temperatur
 
 @register_method("dkd")
 class DKD(Method):
+    paper = "Zhao et al., Decoupled Knowledge Distillation, CVPR 2022"
+    code = "megvii-research/mdistiller distillers/DKD.py"
     teacher_taps = ("logits",)
 
     def __init__(self, cfg, pair):

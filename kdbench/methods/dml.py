@@ -86,6 +86,8 @@ def _peer_spec(entry) -> tuple[str, dict]:
 
 @register_method("dml")
 class DML(Method):
+    paper = "Zhang, Xiang, Hospedales & Lu, Deep Mutual Learning, CVPR 2018"
+    code = "YingZhangDUT/Deep-Mutual-Learning"
     needs_teacher = False
 
     def __init__(self, cfg, pair):

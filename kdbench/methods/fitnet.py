@@ -20,6 +20,8 @@ def hint_loss(regressed_student: torch.Tensor, teacher_map: torch.Tensor) -> tor
 
 @register_method("fitnet")
 class FitNet(Method):
+    paper = "Romero et al., FitNets: Hints for Thin Deep Nets, ICLR 2015"
+    code = "HobbitLong/RepDistiller distiller_zoo/FitNet.py; megvii-research/mdistiller FitNet"
     def __init__(self, cfg, pair):
         super().__init__(cfg, pair)
         self.hint_layer = str(cfg.get("hint_layer", "stage2"))

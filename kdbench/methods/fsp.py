@@ -56,6 +56,8 @@ def fsp_loss(student_maps: Sequence[torch.Tensor], teacher_maps: Sequence[torch.
 
 @register_method("fsp")
 class FSP(Method):
+    paper = "Yim et al., A Gift from Knowledge Distillation (FSP), CVPR 2017"
+    code = "HobbitLong/RepDistiller distiller_zoo/FSP.py"
     def __init__(self, cfg, pair):
         super().__init__(cfg, pair)
         self.protocol = str(cfg.get("protocol", "reference"))

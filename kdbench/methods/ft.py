@@ -94,6 +94,8 @@ def rd_stage_lr(student_name: str, base_lr: float) -> float:
 
 @register_method("ft")
 class FT(Method):
+    paper = "Kim, Park & Kwak, Paraphrasing Complex Network: Network Compression via Factor Transfer, NeurIPS 2018"
+    code = "HobbitLong/RepDistiller distiller_zoo/FT.py"
     def __init__(self, cfg, pair):
         super().__init__(cfg, pair)
         self.variant = str(cfg.get("variant", "reference"))

@@ -51,6 +51,8 @@ class ChannelEmbed(nn.Sequential):
 
 @register_method("ickd")
 class ICKD(Method):
+    paper = "Liu et al., Exploring Inter-Channel Correlation for Diversity-preserved Knowledge Distillation, ICCV 2021"
+    code = "ADLab-AutoDrive/ICKD Cifar100/distiller_zoo/ICKD.py"
     def __init__(self, cfg, pair):
         super().__init__(cfg, pair)
         (s_tap, t_tap), = stage_pairs(pair, self.method_name, align="last")[-1:]

@@ -48,6 +48,8 @@ def itrd_mutual_loss(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 
 @register_method("itrd")
 class ITRD(Method):
+    paper = "Miles, Lopez-Rodriguez & Mikolajczyk, Information Theoretic Representation Distillation, BMVC 2022"
+    code = "roymiles/ITRD distiller_zoo/IT.py"
     student_taps = ("embedding",)
     teacher_taps = ("embedding",)
 

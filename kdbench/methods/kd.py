@@ -25,6 +25,8 @@ def standardized_kd_loss(student_logits, teacher_logits, temperature: float):
 class KD(Method):
     """The `ce` term is the base class's; the `kd` term is the base class's Hinton term (weights.kd, temperature)
     unless `logit_standardization` is on, when terms() returns the standardised one instead."""
+    paper = "Hinton, Vinyals & Dean, Distilling the Knowledge in a Neural Network, NIPS DL Workshop 2015"
+    code = "HobbitLong/RepDistiller distiller_zoo/KD.py; megvii-research/mdistiller KD"
 
     teacher_taps = ("logits",)
 

@@ -69,6 +69,8 @@ def kdsvd_loss(g_s, g_t, k: int = 1, reshape: str = "rd") -> torch.Tensor:
 
 @register_method("kdsvd")
 class KDSVD(Method):
+    paper = "Lee, Kim & Song, Self-supervised Knowledge Distillation Using Singular Value Decomposition, ECCV 2018"
+    code = "HobbitLong/RepDistiller distiller_zoo/KDSVD.py; megvii-research/mdistiller KDSVD"
     def __init__(self, cfg, pair):
         super().__init__(cfg, pair)
         self.k = int(cfg.get("k", 1))

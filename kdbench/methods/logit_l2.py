@@ -27,6 +27,8 @@ def logit_l2_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, re
 
 @register_method("logit_l2")
 class LogitL2(Method):
+    paper = "Ba & Caruana, Do Deep Nets Really Need to be Deep?, NIPS 2014"
+    code = "none released; from the paper"
     teacher_taps = ("logits",)
 
     def __init__(self, cfg, pair):

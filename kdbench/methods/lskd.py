@@ -36,6 +36,8 @@ def lskd_loss(z_s: torch.Tensor, z_t: torch.Tensor, temperature: float, eps: flo
 @register_method("lskd")
 class LSKD(Method):
     """Term `lskd` (KD on standardised logits) next to the base class's `ce`."""
+    paper = "Sun et al., Logit Standardization in Knowledge Distillation, CVPR 2024"
+    code = "sunshangquan/logit-standardization-KD mdistiller/distillers/KD.py"
 
     teacher_taps = ("logits",)
 

@@ -140,6 +140,8 @@ def mlkd_terms(s_weak, s_strong, t_weak, t_strong, targets, temperatures=(4.0, 3
 class MLKD(Method):
     """Owns the forward: weak and strong views through student and teacher (forward_loss); terms() reads the strong
     view's logits under the outputs key `strong_logits`."""
+    paper = "Jin, Wang & Lin, Multi-Level Logit Distillation, CVPR 2023"
+    code = "Jin-Ying/Multi-Level-Logit-Distillation mdistiller/distillers/KD_ours.py"
 
     teacher_taps = ("logits",)
     task_terms = ("ce", "ce_strong")  # both views' label terms (for step policies that separate the task, DOT)

@@ -145,6 +145,8 @@ class NDMixin:
 @register_method("kd_nd")
 class KDND(NDMixin, KD):
     """KD++: ce + warm-up * kd + nd."""
+    paper = "Wang et al., Improving Knowledge Distillation via Regularizing Feature Norm and Direction (ND), ICCV 2023"
+    code = "WangYZ1608/Knowledge-Distillation-via-ND CIFAR/train_cifar_kd.py"
 
     warmed_terms = ("kd",)
 
@@ -152,6 +154,8 @@ class KDND(NDMixin, KD):
 @register_method("dkd_nd")
 class DKDND(NDMixin, DKD):
     """DKD++: ce + warm-up * (tckd + nckd) + nd."""
+    paper = "Wang et al., Improving Knowledge Distillation via Regularizing Feature Norm and Direction (ND), ICCV 2023"
+    code = "WangYZ1608/Knowledge-Distillation-via-ND CIFAR/train_cifar_dkd.py"
 
     warmed_terms = ("tckd", "nckd")
 
@@ -159,6 +163,8 @@ class DKDND(NDMixin, DKD):
 @register_method("reviewkd_nd")
 class ReviewKDND(NDMixin, ReviewKD):
     """ReviewKD++: ce + warm-up * reviewkd + nd."""
+    paper = "Wang et al., Improving Knowledge Distillation via Regularizing Feature Norm and Direction (ND), ICCV 2023"
+    code = "WangYZ1608/Knowledge-Distillation-via-ND CIFAR/ReviewKD++"
 
     warmed_terms = ("reviewkd",)
 
@@ -167,5 +173,7 @@ class ReviewKDND(NDMixin, ReviewKD):
 class DISTND(NDMixin, DIST):
     """DIST++: ce + warm-up * (inter + intra) + nd (the ND repo's CIFAR/DIST++, DIST with beta = gamma = 1 times
     --kd_loss_factor: here the weights of inter and intra)."""
+    paper = "Wang et al., Improving Knowledge Distillation via Regularizing Feature Norm and Direction (ND), ICCV 2023"
+    code = "WangYZ1608/Knowledge-Distillation-via-ND CIFAR/DIST++"
 
     warmed_terms = ("inter", "intra")

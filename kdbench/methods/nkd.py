@@ -52,6 +52,8 @@ def nkd_non_target_loss(z_s: torch.Tensor, z_t: torch.Tensor, target: torch.Tens
 @register_method("nkd")
 class NKD(Method):
     """Terms `nkd_target` and `nkd_non_target` (weight gamma) next to the base class's `ce`."""
+    paper = "Yang et al., From Knowledge Distillation to Self-Knowledge Distillation (NKD), ICCV 2023"
+    code = "yzd-v/cls_KD mmcls/models/dis_losses/nkd.py"
 
     teacher_taps = ("logits",)
 

@@ -32,6 +32,8 @@ def nst_loss(g_s, g_t) -> torch.Tensor:
 
 @register_method("nst")
 class NST(Method):
+    paper = "Huang & Wang, Like What You Like: Knowledge Distill via Neuron Selectivity Transfer, arXiv 2017"
+    code = "HobbitLong/RepDistiller distiller_zoo/NST.py; megvii-research/mdistiller NST"
     def __init__(self, cfg, pair):
         super().__init__(cfg, pair)
         self.pairs = stage_pairs(pair, self.method_name, align="first")

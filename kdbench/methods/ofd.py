@@ -66,6 +66,8 @@ def ofd_connector(c_s: int, c_t: int, kernel_size: int = 1) -> nn.Sequential:
 
 @register_method("ofd")
 class OFD(Method):
+    paper = "Heo et al., A Comprehensive Overhaul of Feature Distillation, ICCV 2019"
+    code = "megvii-research/mdistiller distillers/OFD.py"
     teacher_train_mode = True
 
     def __init__(self, cfg, pair):

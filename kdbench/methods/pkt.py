@@ -26,6 +26,8 @@ def pkt_loss(e_s: torch.Tensor, e_t: torch.Tensor, eps: float = 1e-7) -> torch.T
 
 @register_method("pkt")
 class PKT(Method):
+    paper = "Passalis & Tefas, Learning Deep Representations with Probabilistic Knowledge Transfer, ECCV 2018"
+    code = "HobbitLong/RepDistiller distiller_zoo/PKT.py; megvii-research/mdistiller PKT"
     student_taps = ("embedding",)
     teacher_taps = ("embedding",)
 

@@ -72,6 +72,8 @@ def _as_map(x: torch.Tensor) -> torch.Tensor:
 
 @register_method("reviewkd")
 class ReviewKD(Method):
+    paper = "Chen et al., Distilling Knowledge via Knowledge Review, CVPR 2021"
+    code = "megvii-research/mdistiller distillers/ReviewKD.py"
     def __init__(self, cfg, pair):
         super().__init__(cfg, pair)
         self.warmup_epochs = float(cfg.get("warmup_epochs", 20))

@@ -51,6 +51,8 @@ def rkd_loss(e_s: torch.Tensor, e_t: torch.Tensor, w_distance: float = 25.0, w_a
 
 @register_method("rkd")
 class RKD(Method):
+    paper = "Park et al., Relational Knowledge Distillation, CVPR 2019"
+    code = "HobbitLong/RepDistiller distiller_zoo/RKD.py; megvii-research/mdistiller RKD"
     student_taps = ("embedding",)
     teacher_taps = ("embedding",)
 

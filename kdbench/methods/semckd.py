@@ -79,6 +79,8 @@ class Proj(nn.Sequential):
 
 @register_method("semckd")
 class SemCKD(Method):
+    paper = "Chen et al., Cross-Layer Distillation with Semantic Calibration (SemCKD), AAAI 2021"
+    code = "DefangChen/SimKD distiller_zoo/SemCKD.py"
     def __init__(self, cfg, pair):
         super().__init__(cfg, pair)
         name = self.method_name

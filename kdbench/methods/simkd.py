@@ -54,6 +54,8 @@ class SimKDProjector(nn.Sequential):
 
 @register_method("simkd")
 class SimKD(Method):
+    paper = "Chen et al., Knowledge Distillation with the Reused Teacher Classifier (SimKD), CVPR 2022"
+    code = "DefangChen/SimKD models/util.py"
     def __init__(self, cfg, pair):
         super().__init__(cfg, pair)
         name = self.method_name

@@ -25,6 +25,8 @@ def sp_loss(f_s: torch.Tensor, f_t: torch.Tensor) -> torch.Tensor:
 
 @register_method("sp")
 class SP(Method):
+    paper = "Tung & Mori, Similarity-Preserving Knowledge Distillation, ICCV 2019"
+    code = "HobbitLong/RepDistiller distiller_zoo/SP.py; megvii-research/mdistiller SP"
     def __init__(self, cfg, pair):
         super().__init__(cfg, pair)
         if not pair.student.stage_names or not pair.teacher.stage_names:

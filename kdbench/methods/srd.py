@@ -39,6 +39,8 @@ def srd_loss(projected_s: torch.Tensor, e_t: torch.Tensor, exponent: float = 4.0
 
 @register_method("srd")
 class SRD(Method):
+    paper = "Miles & Mikolajczyk, Understanding the Role of the Projector in Knowledge Distillation, AAAI 2024"
+    code = "roymiles/Simple-Recipe-Distillation torchdistill/losses/single.py"
     student_taps = ("embedding",)
     teacher_taps = ("embedding",)  # the logits (for `kd`) come with every teacher output
 

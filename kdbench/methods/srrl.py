@@ -47,6 +47,8 @@ class SRRLConnector(nn.Module):
 
 @register_method("srrl")
 class SRRL(Method):
+    paper = "Yang et al., Knowledge Distillation via Softmax Regression Representation Learning (SRRL), ICLR 2021"
+    code = "DefangChen/SimKD models/util.py SRRL"
     student_taps = ("embedding",)
     teacher_taps = ("embedding",)  # the logits come with every teacher output
 

@@ -177,6 +177,8 @@ def _ratio(cfg, key: str, default: float) -> float:
 
 @register_method("sskd")
 class SSKD(Method):
+    paper = "Xu, Liu, Li & Loy, Knowledge Distillation Meets Self-Supervision (SSKD), ECCV 2020"
+    code = "xuguodong03/SSKD student.py"
     student_taps = ("embedding",)
     teacher_taps = ("embedding",)
     teacher_cache = False  # the teacher sees the four rotations of each batch, live

@@ -63,6 +63,8 @@ def tf_kd_reg_loss(student_logits: torch.Tensor, targets: torch.Tensor, temperat
 
 @register_method("tf_kd")
 class TfKDReg(Method):
+    paper = "Yuan et al., Revisiting Knowledge Distillation via Label Smoothing Regularization (Tf-KD_reg), CVPR 2020"
+    code = "yuanli2333/Teacher-free-Knowledge-Distillation my_loss_function.py"
     needs_teacher = False
 
     def __init__(self, cfg, pair):
@@ -79,6 +81,8 @@ class TfKDReg(Method):
 
 @register_method("tf_kd_self")
 class TfKDSelf(Method):
+    paper = "Yuan et al., Revisiting Knowledge Distillation via Label Smoothing Regularization (Tf-KD_self), CVPR 2020"
+    code = "yuanli2333/Teacher-free-Knowledge-Distillation my_loss_function.py"
     teacher_taps = ("logits",)
 
     def __init__(self, cfg, pair):

@@ -67,6 +67,8 @@ class _TransformedTeacher(Method):
 @register_method("ttm")
 class TTM(_TransformedTeacher):
     """Term `ttm` next to the base class's `ce`."""
+    paper = "Zheng & Yang, Knowledge Distillation Based on Transformed Teacher Matching (TTM), ICLR 2024"
+    code = "zkxufo/TTM distiller_zoo/ttm.py"
 
     term = "ttm"
     loss_fn = staticmethod(ttm_loss)
@@ -75,6 +77,8 @@ class TTM(_TransformedTeacher):
 @register_method("wttm")
 class WTTM(_TransformedTeacher):
     """Term `wttm` (sample-weighted TTM) next to the base class's `ce`."""
+    paper = "Zheng & Yang, Knowledge Distillation Based on Transformed Teacher Matching (WTTM), ICLR 2024"
+    code = "zkxufo/TTM distiller_zoo/wttm.py"
 
     term = "wttm"
     loss_fn = staticmethod(wttm_loss)

@@ -84,6 +84,8 @@ def uskd_non_target_loss(z_s: torch.Tensor, labels: torch.Tensor, target: torch.
 class USKD(Method):
     """Terms `uskd_target` (alpha), `uskd_non_target` (beta), `uskd_weak` (mu) next to the base class's `ce`; a
     trainable weak head `fc` on the pooled second-to-last stage of the student."""
+    paper = "Yang et al., From Knowledge Distillation to Self-Knowledge Distillation (USKD), ICCV 2023"
+    code = "yzd-v/cls_KD mmcls/models/dis_losses/uskd.py"
 
     needs_teacher = False
 

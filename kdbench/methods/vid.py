@@ -51,6 +51,8 @@ class VIDRegressor(nn.Module):
 
 @register_method("vid")
 class VID(Method):
+    paper = "Ahn et al., Variational Information Distillation for Knowledge Transfer, CVPR 2019"
+    code = "HobbitLong/RepDistiller distiller_zoo/VID.py; megvii-research/mdistiller VID"
     def __init__(self, cfg, pair):
         super().__init__(cfg, pair)
         self.pairs = stage_pairs(pair, self.method_name, align="first")

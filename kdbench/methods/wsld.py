@@ -43,6 +43,8 @@ def wsld_loss(z_s: torch.Tensor, z_t: torch.Tensor, target: torch.Tensor, temper
 @register_method("wsld")
 class WSLD(Method):
     """Term `wsld` next to the base class's `ce`."""
+    paper = "Zhou et al., Rethinking Soft Labels for Knowledge Distillation (WSLD), ICLR 2021"
+    code = "bellymonster/Weighted-Soft-Label-Distillation knowledge_distiller.py"
 
     teacher_taps = ("logits",)
 

@@ -39,9 +39,11 @@ class LeNet5(TapModel):
 
 @register_model("lenet5")
 def lenet5(num_classes, input_shape):
+    """LeNet-5: conv 6 - pool - conv 16 - pool - conv 120 - fc 84 - classifier (ReLU)."""
     return LeNet5(num_classes, input_shape)
 
 
 @register_model("lenet5_half")
 def lenet5_half(num_classes, input_shape):
+    """LeNet-5 at about half width: conv 3 - pool - conv 8 - pool - conv 60 - fc 42 - classifier."""
     return LeNet5(num_classes, input_shape, widths=(3, 8, 60, 42))

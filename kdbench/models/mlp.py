@@ -41,6 +41,7 @@ class MLP(TapModel):
 
 @register_model("mlp")
 def mlp(num_classes, input_shape, hidden=(1200, 1200), dropout=0.0, input_dropout=0.0):
+    """Multilayer perceptron on the flattened input: `hidden` ReLU layers, optional (input) dropout."""
     return MLP(num_classes, input_shape, hidden, dropout, input_dropout)
 
 
