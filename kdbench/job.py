@@ -40,7 +40,8 @@ from kdbench.models import TapModel, count_parameters, create_model, load_refere
 from kdbench.optim import build_step, constant_sgd_step, lr_at
 from kdbench.record import RECORD_FILE, RunRecord, read_record
 from kdbench.teachers import TeacherOutputs, TeacherStore, cache_bytes, cache_is_exact
-from kdbench.train import Run, autocast, configure_determinism, evaluate, fit, resolve_device, summary
+from kdbench.train import (Member, Run, autocast, configure_determinism, evaluate, fit, resolve_device,
+                           summary)
 
 CHECKPOINT_FILE = "checkpoint.pt"
 HEADS_DIR = "heads"  # <run>/heads/<name>/metrics.json: the records of a method's extra heads
@@ -266,15 +267,24 @@ def run(job: Job, out_dir: Path) -> dict:
     failure after recording it. In a folder that already holds this job's completed record (a sweep launched again
     to finish its stragglers), nothing is trained and the record is returned as it is; a folder that holds a run of
     another configuration is refused (resuming it would mix two configurations' epochs)."""
+    kept = finished_record(job, out_dir)
+    return kept if kept is not None else train_job(job, out_dir)[0]
+
+
+def finished_record(job: Job, out_dir: Path) -> Optional[dict]:
+    """The job's completed record when out_dir holds one (it is kept, not retrained); ConfigChanged when out_dir holds
+    a run of another configuration."""
     out_dir = Path(out_dir)
-    if job.trainer.resume:
-        kept = read_record(out_dir / RECORD_FILE)
-        if kept is not None:
-            refuse_other_configuration(kept.get("config_hash"), job, out_dir)
-            if kept.get("status") == "completed" and kept.get("epochs_done") == job.trainer.epochs:
-                print(f"kdbench: {out_dir} already holds this job's completed record; kept as it is", flush=True)
-                return kept
-    return train_job(job, out_dir)[0]
+    if not job.trainer.resume:
+        return None
+    kept = read_record(out_dir / RECORD_FILE)
+    if kept is None:
+        return None
+    refuse_other_configuration(kept.get("config_hash"), job, out_dir)
+    if kept.get("status") == "completed" and kept.get("epochs_done") == job.trainer.epochs:
+        print(f"kdbench: {out_dir} already holds this job's completed record; kept as it is", flush=True)
+        return kept
+    return None
 
 
 def refuse_other_configuration(found: Optional[str], job: Job, out_dir: Path) -> None:
@@ -289,13 +299,10 @@ def train_job(job: Job, out_dir: Path) -> tuple[dict, TapModel]:
     distributed job every rank trains; only the first writes files, and a rank's failure is the job's error."""
     out_dir = Path(out_dir)
     w = distributed.world()
-    record = RunRecord.start(out_dir, config=job.config, config_hash=job.key, labels=job.labels, seed=job.seed,
-                             overrides=list(job.overrides), writes=w.main)
-    if w.distributed:
-        record.update(world_size=w.size)
+    record = start_record(job, out_dir, w)
     logger = None
     try:
-        logger = create_logger(job.logger if w.main else Options({"name": "none"}), out_dir, job.labels, job.config)
+        logger = job_logger(job, out_dir, w)
         student = _train(job, out_dir, record, logger, w)
         record.complete()
     except BaseException as err:
@@ -309,6 +316,18 @@ def train_job(job: Job, out_dir: Path) -> tuple[dict, TapModel]:
         if logger is not None:
             logger.finish(record.data["status"])
     return record.data, student
+
+
+def start_record(job: Job, out_dir: Path, w: distributed.World = distributed.SINGLE) -> RunRecord:
+    record = RunRecord.start(Path(out_dir), config=job.config, config_hash=job.key, labels=job.labels, seed=job.seed,
+                             overrides=list(job.overrides), writes=w.main)
+    if w.distributed:
+        record.update(world_size=w.size)
+    return record
+
+
+def job_logger(job: Job, out_dir: Path, w: distributed.World = distributed.SINGLE):
+    return create_logger(job.logger if w.main else Options({"name": "none"}), Path(out_dir), job.labels, job.config)
 
 
 def _pair(job: Job, student: TapModel, teachers: Sequence[TapModel], input_shape, num_classes: int,
@@ -331,47 +350,54 @@ def check_pair(job: Job) -> None:
 
 
 def _train(job: Job, out_dir: Path, record: RunRecord, logger, w: distributed.World) -> TapModel:
-    tr = job.trainer
     check_pair(job)
+    device, data = prepare(job, w)
+    teachers = obtain_teachers(job, data, device, w)
+    trainee = Trainee(job, out_dir, record, logger, w, data, device, teachers)
+    trainee.attach(trainee.own_teacher_outputs())
+    trainee.run_stages()
+    m = trainee.member()
+    fit(m.run, range(m.start, job.trainer.epochs + 1), m.lr_at, m.evaluation, m.callbacks, total=job.trainer.epochs,
+        progress=m.name if job.trainer.progress else None)
+    return trainee.student
+
+
+def prepare(job: Job, w: distributed.World = distributed.SINGLE) -> tuple[torch.device, Data]:
+    """The job's device (and process group) and its data."""
+    tr = job.trainer
     configure_determinism(tr.deterministic)
     device = resolve_device(tr.device, w.local_rank)
     distributed.init(w, device)
     if w.distributed and tr.batch_size % w.size:
         raise InvalidSetting(f"trainer.batch_size={tr.batch_size} (the global batch) must be a multiple of the "
                              f"{w.size} processes")
-    data = prepare_data(job.dataset, tr, device, w)
-    record.update(device=str(device), n_train=len(data.train), n_test=len(data.test))
+    return device, prepare_data(job.dataset, tr, device, w)
 
-    teachers, sources, tops = [], [], []
+
+@dataclass
+class ObtainedTeachers:
+    """A job's teachers, ready (eval mode, on the device), with their provenance and test top-1 for the record."""
+
+    models: list
+    sources: list
+    tops: list
+
+    def record_into(self, record: RunRecord) -> None:
+        if self.models:
+            record.update(teacher_source=self.sources[0], teacher_top1=self.tops[0])
+            if len(self.models) > 1:
+                record.update(teacher_sources=self.sources, teachers_top1=self.tops)
+
+
+def obtain_teachers(job: Job, data: Data, device: torch.device,
+                    w: distributed.World = distributed.SINGLE) -> ObtainedTeachers:
+    got = ObtainedTeachers([], [], [])
     for spec in job.teachers:
         teacher, source = obtain_teacher(spec, job.teacher_store, data, device, w)
-        teachers.append(teacher)
-        sources.append(source)
-        tops.append(evaluate(teacher, data.test_loader, tr.precision).top1)
-    if teachers:
-        record.update(teacher_source=sources[0], teacher_top1=tops[0])
-        if len(teachers) > 1:
-            record.update(teacher_sources=sources, teachers_top1=tops)
-
-    torch.manual_seed(job.seed)
-    student = sync_batchnorm(job.student.build(data.num_classes, data.input_shape), tr.sync_bn, w, device).to(device)
-    pair = _pair(job, student, teachers, data.input_shape, data.num_classes, data.train.labels, w)
-    method = create_method(job.method, pair).to(device)
-    if w.distributed:  # every rank starts from rank 0's weights (the seeds agree; this makes it certain)
-        for tensor in chain(student.state_dict().values(), method.state_dict().values()):
-            torch.distributed.broadcast(tensor, src=0)
-    outputs = []
-    for teacher, shapes in zip(teachers, pair.teachers_shapes):
-        out = TeacherOutputs(teacher, method.teacher_taps, method.teacher_train_mode)
-        exact = cache_is_exact(data.train_loader.augmented, method.teacher_train_mode)
-        fits = cache_bytes(shapes, method.teacher_taps, len(data.train)) <= tr.teacher_cache_gb * 2**30
-        if tr.teacher_cache and method.teacher_cache and exact and fits:
-            out.build_cache(data.train_loader, lambda: autocast(device, tr.precision))
-        outputs.append(out)
-    record.update(student_params=count_parameters(student), extra_params=count_parameters(method),
-                  teacher_cache=bool(outputs) and all(o.cached for o in outputs), **method.record_fields())
-    _fit(job, student, method, outputs, data, out_dir, record, logger, w)
-    return student
+        got.models.append(teacher)
+        got.sources.append(source)
+        got.tops.append(evaluate(teacher, data.test_loader, job.trainer.precision).top1)
+    return got
 
 
 def sync_batchnorm(student: TapModel, enabled: bool, w: distributed.World, device: torch.device) -> TapModel:
@@ -386,94 +412,148 @@ def sync_batchnorm(student: TapModel, enabled: bool, w: distributed.World, devic
     return torch.nn.SyncBatchNorm.convert_sync_batchnorm(student)
 
 
-def _fit(job: Job, student: TapModel, method: Method, outputs: list[TeacherOutputs], data: Data, out_dir: Path,
-         record: RunRecord, logger, w: distributed.World) -> None:
-    """Pre-training stages not yet done, then the main epochs not yet done, each epoch checkpointed."""
-    tr = job.trainer
+class Trainee:
+    """One job's training: its student and method (built from the job's seed), teacher outputs, optimizer, record,
+    checkpoint and history. Alone, kdbench.train.fit runs its member(); in a cohort (kdbench.cohort) several members
+    share batches and teacher forwards in kdbench.train.fit_cohort."""
 
-    def save(state: dict) -> None:
-        if w.main:
-            save_torch(ckpt_path, state)
+    def __init__(self, job: Job, out_dir: Path, record: RunRecord, logger, w: distributed.World, data: Data,
+                 device: torch.device, teachers: ObtainedTeachers):
+        self.job, self.out_dir, self.record, self.logger, self.w, self.data = job, Path(out_dir), record, logger, w, data
+        self.device = device
+        record.update(device=str(device), n_train=len(data.train), n_test=len(data.test))
+        teachers.record_into(record)
+        tr = job.trainer
+        torch.manual_seed(job.seed)
+        self.student = sync_batchnorm(job.student.build(data.num_classes, data.input_shape), tr.sync_bn, w,
+                                      device).to(device)
+        self.pair = _pair(job, self.student, teachers.models, data.input_shape, data.num_classes, data.train.labels, w)
+        self.method = create_method(job.method, self.pair).to(device)
+        if w.distributed:  # every rank starts from rank 0's weights (the seeds agree; this makes it certain)
+            for tensor in chain(self.student.state_dict().values(), self.method.state_dict().values()):
+                torch.distributed.broadcast(tensor, src=0)
+        self.teachers = teachers.models
+        self.outputs: list[TeacherOutputs] = []
+        self.state: Optional[dict] = None
+        self.stages_done: list[str] = []
 
-    ckpt_path = out_dir / CHECKPOINT_FILE
-    state = load_torch(ckpt_path, "run checkpoint") if tr.resume and ckpt_path.exists() else None
-    if state is not None:
-        refuse_other_configuration(state.get("config_hash"), job, out_dir)
-        student.load_state_dict(state["student"])
-        method.load_state_dict(state["method"])
-    stages_done = list(state["stages_done"]) if state else []
+    @property
+    def name(self) -> str:
+        return f"{self.record.data['method']} {self.record.data['student']} s{self.job.seed}"
 
-    teacher = outputs[0] if outputs else None
-    for stage in method.stages(student, teacher.model if teacher is not None else None):
-        if stage.name in stages_done:
-            continue
-        run = Run(student, StageStep(stage, method), teacher.with_taps(stage.teacher_taps) if teacher else None,
-                  data.train_loader, constant_sgd_step(stage.parameters, stage.lr, stage.momentum, stage.weight_decay,
-                                                    tr.precision, w),
-                  job.seed + STAGE_SEED_OFFSET, tr.precision)
-        fit(run, range(1, stage.epochs + 1), stage.lr_at,
-            progress=f"{method.method_name}:{stage.name}" if tr.progress else None)
-        stages_done.append(stage.name)
-        save({"epoch": 0, "stages_done": stages_done, "student": student.state_dict(),
-                               "method": method.state_dict(), "optimizer": None, "history": [],
-                               "config_hash": job.key})
+    def own_teacher_outputs(self) -> list[TeacherOutputs]:
+        """One live TeacherOutputs per teacher, with a per-sample cache when that is exact and fits."""
+        tr, method, loader = self.job.trainer, self.method, self.data.train_loader
+        outputs = []
+        for teacher, shapes in zip(self.teachers, self.pair.teachers_shapes):
+            out = TeacherOutputs(teacher, method.teacher_taps, method.teacher_train_mode)
+            exact = cache_is_exact(loader.augmented, method.teacher_train_mode)
+            fits = cache_bytes(shapes, method.teacher_taps, len(self.data.train)) <= tr.teacher_cache_gb * 2**30
+            if tr.teacher_cache and method.teacher_cache and exact and fits:
+                out.build_cache(loader, lambda: autocast(self.device, tr.precision))
+            outputs.append(out)
+        return outputs
 
-    params = [p for p in chain(student.parameters(), method.trainable_parameters()) if p.requires_grad]
-    policy = build_step(params, job.optim, tr.precision, w)
-    history: list[dict] = []
-    start = 1
-    if state is not None and state["epoch"] > 0:
-        policy.optimizer.load_state_dict(state["optimizer"])
-        history, start = list(state["history"]), state["epoch"] + 1
-        # a finished run launched again keeps its results
-        record.update(history=history, last_class_errors=state.get("class_errors"), **summary(history))
+    def attach(self, outputs: Sequence) -> None:
+        self.outputs = list(outputs)
+        self.record.update(student_params=count_parameters(self.student), extra_params=count_parameters(self.method),
+                           teacher_cache=bool(self.outputs) and all(o.cached for o in self.outputs),
+                           **self.method.record_fields())
 
-    heads = method.extra_heads()
-    # each extra head (a peer, an exit, an ensemble) gets a record of its own below heads/<name>: a leaderboard row
-    head_records = {name: RunRecord.start(out_dir / HEADS_DIR / name, config=job.config, config_hash=job.key,
-                                          labels={**job.labels, "method": f"{job.labels['method']}@{name}"},
-                                          seed=job.seed, overrides=[*job.overrides, f"(head {name})"], writes=w.main)
-                    for name in heads}
+    def _save(self, state: dict) -> None:
+        if self.w.main:
+            save_torch(self.out_dir / CHECKPOINT_FILE, state)
 
-    def evaluation() -> tuple[dict, object]:
-        was_training = method.training
-        distributed.broadcast_buffers(student, w)  # rank 0's BatchNorm statistics, on every rank
-        distributed.broadcast_buffers(method, w)
-        method.eval()
-        try:
-            ev = evaluate(student, data.test_loader, tr.precision, method.eval_logits)
-            fields = {"test_top1": ev.top1, "test_errors": ev.errors, "test_loss": ev.loss}
-            if ev.top5 is not None:
-                fields["test_top5"] = ev.top5
-            if heads:
-                fields["heads"] = {}
-                for name, logits_of in heads.items():
-                    h = evaluate(student, data.test_loader, tr.precision, logits_of)
-                    fields["heads"][name] = {"test_top1": h.top1, "test_errors": h.errors, "test_loss": h.loss}
-        finally:
-            method.train(was_training)
-        return fields, ev
+    def run_stages(self) -> None:
+        """Resume from the checkpoint, then the pre-training stages not yet done (each checkpointed)."""
+        job, tr, student, method = self.job, self.job.trainer, self.student, self.method
+        ckpt_path = self.out_dir / CHECKPOINT_FILE
+        self.state = load_torch(ckpt_path, "run checkpoint") if tr.resume and ckpt_path.exists() else None
+        if self.state is not None:
+            refuse_other_configuration(self.state.get("config_hash"), job, self.out_dir)
+            student.load_state_dict(self.state["student"])
+            method.load_state_dict(self.state["method"])
+        self.stages_done = list(self.state["stages_done"]) if self.state else []
+        teacher = self.outputs[0] if self.outputs else None
+        for stage in method.stages(student, teacher.model if teacher is not None else None):
+            if stage.name in self.stages_done:
+                continue
+            run = Run(student, StageStep(stage, method), teacher.with_taps(stage.teacher_taps) if teacher else None,
+                      self.data.train_loader, constant_sgd_step(stage.parameters, stage.lr, stage.momentum,
+                                                                stage.weight_decay, tr.precision, self.w),
+                      job.seed + STAGE_SEED_OFFSET, tr.precision)
+            fit(run, range(1, stage.epochs + 1), stage.lr_at,
+                progress=f"{method.method_name}:{stage.name}" if tr.progress else None)
+            self.stages_done.append(stage.name)
+            self._save({"epoch": 0, "stages_done": self.stages_done, "student": student.state_dict(),
+                        "method": method.state_dict(), "optimizer": None, "history": [], "config_hash": job.key})
 
-    def end_of_epoch(entry: dict, ev) -> None:
-        history.append(entry)
-        save({"epoch": entry["epoch"], "stages_done": stages_done, "student": student.state_dict(),
-                               "method": method.state_dict(), "optimizer": policy.optimizer.state_dict(),
-                               "history": history, "class_errors": ev.class_errors, "config_hash": job.key})
-        # record_fields again: facts a method measures while it trains (weights it chose, draws) reach the record
-        record.update(history=history, last_class_errors=ev.class_errors, **summary(history), **method.record_fields())
-        for name, head_record in head_records.items():
-            head_history = [{"epoch": e["epoch"], **e["heads"][name]} for e in history if name in e.get("heads", {})]
-            head_record.update(history=head_history, n_test=record.data.get("n_test"), **summary(head_history))
-            if entry["epoch"] == tr.epochs:
-                head_record.complete()
-        logger.log({"lr": entry["lr"], "test/top1": ev.top1, "test/loss": ev.loss,
-                    **{f"train/{k}": v for k, v in entry["train"].items()}}, step=entry["epoch"])
+    def member(self, on_failure=None) -> Member:
+        """The main epochs not yet done: optimizer (resumed), evaluation, and the end-of-epoch record, checkpoint
+        and logger."""
+        job, tr, student, method, record, w, state = (self.job, self.job.trainer, self.student, self.method,
+                                                      self.record, self.w, self.state)
+        params = [p for p in chain(student.parameters(), method.trainable_parameters()) if p.requires_grad]
+        policy = build_step(params, job.optim, tr.precision, w)
+        history: list[dict] = []
+        start = 1
+        if state is not None and state["epoch"] > 0:
+            policy.optimizer.load_state_dict(state["optimizer"])
+            history, start = list(state["history"]), state["epoch"] + 1
+            # a finished run launched again keeps its results
+            record.update(history=history, last_class_errors=state.get("class_errors"), **summary(history))
 
-    forward = torch.compile(student.forward_taps) if tr.compile else None
-    run = Run(student, method, teacher, data.train_loader, policy, job.seed, tr.precision, forward, tuple(outputs))
-    fit(run, range(start, tr.epochs + 1), lambda epoch: lr_at(epoch, job.optim.lr, job.schedule, tr.epochs),
-        evaluation, [end_of_epoch], total=tr.epochs,
-        progress=f"{record.data['method']} {record.data['student']} s{job.seed}" if tr.progress else None)
+        heads = method.extra_heads()
+        # each extra head (a peer, an exit, an ensemble) gets a record of its own below heads/<name>: a leaderboard row
+        head_records = {name: RunRecord.start(self.out_dir / HEADS_DIR / name, config=job.config, config_hash=job.key,
+                                              labels={**job.labels, "method": f"{job.labels['method']}@{name}"},
+                                              seed=job.seed, overrides=[*job.overrides, f"(head {name})"],
+                                              writes=w.main)
+                        for name in heads}
+        test_loader = self.data.test_loader
+
+        def evaluation() -> tuple[dict, object]:
+            was_training = method.training
+            distributed.broadcast_buffers(student, w)  # rank 0's BatchNorm statistics, on every rank
+            distributed.broadcast_buffers(method, w)
+            method.eval()
+            try:
+                ev = evaluate(student, test_loader, tr.precision, method.eval_logits)
+                fields = {"test_top1": ev.top1, "test_errors": ev.errors, "test_loss": ev.loss}
+                if ev.top5 is not None:
+                    fields["test_top5"] = ev.top5
+                if heads:
+                    fields["heads"] = {}
+                    for name, logits_of in heads.items():
+                        h = evaluate(student, test_loader, tr.precision, logits_of)
+                        fields["heads"][name] = {"test_top1": h.top1, "test_errors": h.errors, "test_loss": h.loss}
+            finally:
+                method.train(was_training)
+            return fields, ev
+
+        def end_of_epoch(entry: dict, ev) -> None:
+            history.append(entry)
+            self._save({"epoch": entry["epoch"], "stages_done": self.stages_done, "student": student.state_dict(),
+                        "method": method.state_dict(), "optimizer": policy.optimizer.state_dict(),
+                        "history": history, "class_errors": ev.class_errors, "config_hash": job.key})
+            # record_fields again: facts a method measures while it trains (weights it chose, draws) reach the record
+            record.update(history=history, last_class_errors=ev.class_errors, **summary(history),
+                          **method.record_fields())
+            for name, head_record in head_records.items():
+                head_history = [{"epoch": e["epoch"], **e["heads"][name]} for e in history
+                                if name in e.get("heads", {})]
+                head_record.update(history=head_history, n_test=record.data.get("n_test"), **summary(head_history))
+                if entry["epoch"] == tr.epochs:
+                    head_record.complete()
+            self.logger.log({"lr": entry["lr"], "test/top1": ev.top1, "test/loss": ev.loss,
+                             **{f"train/{k}": v for k, v in entry["train"].items()}}, step=entry["epoch"])
+
+        forward = torch.compile(student.forward_taps) if tr.compile else None
+        teacher = self.outputs[0] if self.outputs else None
+        run = Run(student, method, teacher, self.data.train_loader, policy, job.seed, tr.precision, forward,
+                  tuple(self.outputs))
+        return Member(run, lambda epoch: lr_at(epoch, job.optim.lr, job.schedule, tr.epochs), evaluation,
+                      [end_of_epoch], start, on_failure or (lambda err: None), self.name)
 
 
 def obtain_teacher(spec: TeacherSpec, store_root: Path, data: Data, device: torch.device,

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from kdbench.distributed import all_sum, all_sum_tensor
+from kdbench.distributed import SINGLE, all_sum, all_sum_tensor
 from kdbench.errors import KDBenchError, NonFiniteLoss
 from kdbench.models import TapModel
 from kdbench.optim import StepPolicy
@@ -89,7 +89,7 @@ def evaluate(model: TapModel, loader, precision: str = "fp32", logits_of: Option
         class_errors = wrong if class_errors is None else class_errors + wrong
         n += len(batch)
     model.train(was_training)
-    w = loader.world
+    w = getattr(loader, "world", SINGLE)
     if w.distributed:  # each rank saw its share of the test set
         correct, correct5, loss, n = all_sum([correct, correct5, loss, n], w, class_errors.device)
         correct, n = int(correct), int(n)
@@ -159,35 +159,103 @@ class StepContext:
         policy.step(total, stepper.task_loss(terms, self.epoch) if policy.separates_task else None, share)
 
 
-def train_epoch(run: Run, epoch: int) -> dict[str, float]:
-    """One pass over the training data; returns the sample-weighted mean of every loss term."""
+@dataclass
+class Tally:
+    """One run's epoch in progress: its step context and the sample-weighted sums of its loss terms."""
+
+    step: StepContext
+    sums: dict
+    n: int = 0
+    rng: Optional[tuple] = None  # in a cohort: the run's own global RNG state between its steps
+
+
+def begin_epoch(run: Run, epoch: int) -> Tally:
+    """Modes for training, and the epoch's dropout (global RNG) seed."""
     run.student.train()
     run.stepper.train()
     for teacher in (run.teachers or ((run.teacher,) if run.teacher is not None else ())):
         teacher.start_epoch()
     torch.manual_seed(epoch_seed(run.seed, epoch, stream=1))
-    step = StepContext(run, epoch, run.loader.device)
-    sums: dict[str, torch.Tensor] = {}
-    n = 0
-    for batch in run.stepper.batches(run.loader, epoch_seed(run.seed, epoch)):
-        step.batch = batch
-        total, terms = run.stepper.train_step(batch, step)
-        for name, value in (("loss", total), *terms.items()):
-            sums[name] = sums.get(name, 0.0) + value.detach().float() * len(batch)
-        n += len(batch)
-    w = run.loader.world
+    return Tally(StepContext(run, epoch, run.loader.device), {})
+
+
+def train_batch(run: Run, tally: Tally, batch) -> None:
+    tally.step.batch = batch
+    total, terms = run.stepper.train_step(batch, tally.step)
+    for name, value in (("loss", total), *terms.items()):
+        tally.sums[name] = tally.sums.get(name, 0.0) + value.detach().float() * len(batch)
+    tally.n += len(batch)
+
+
+def end_epoch(run: Run, tally: Tally) -> dict[str, float]:
+    """The epoch's mean of every loss term (over every rank's samples); non-finite ones stop the run."""
+    sums, n, device = tally.sums, tally.n, tally.step.device
+    w = getattr(run.loader, "world", SINGLE)
     if w.distributed:  # the epoch's means over every rank's samples (and the same on every rank)
         names = sorted(sums)
-        totals = all_sum_tensor(torch.stack([torch.as_tensor(sums[k], dtype=torch.float64, device=step.device)
+        totals = all_sum_tensor(torch.stack([torch.as_tensor(sums[k], dtype=torch.float64, device=device)
                                              for k in names] + [torch.tensor(float(n), dtype=torch.float64,
-                                                                             device=step.device)]), w)
+                                                                             device=device)]), w)
         sums, n = dict(zip(names, totals[:-1])), totals[-1].item()
     means = {k: v.item() / n for k, v in sums.items()}  # one device sync per epoch
     bad = sorted(k for k, v in means.items() if not math.isfinite(v))
     if bad:
-        raise NonFiniteLoss(f"loss term(s) {bad} became non-finite in epoch {epoch}; lower optim.lr, check the "
-                            f"method weights, or use trainer.precision=fp32. Epochs before this one are in the record.")
+        raise NonFiniteLoss(f"loss term(s) {bad} became non-finite in epoch {tally.step.epoch}; lower optim.lr, check "
+                            f"the method weights, or use trainer.precision=fp32. Epochs before this one are in the "
+                            f"record.")
     return means
+
+
+def train_epoch(run: Run, epoch: int) -> dict[str, float]:
+    """One pass over the training data; returns the sample-weighted mean of every loss term."""
+    tally = begin_epoch(run, epoch)
+    for batch in run.stepper.batches(run.loader, epoch_seed(run.seed, epoch)):
+        train_batch(run, tally, batch)
+    return end_epoch(run, tally)
+
+
+def _rng_state(device: torch.device) -> tuple:
+    return torch.get_rng_state(), (torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+
+
+def _set_rng_state(state: tuple, device: torch.device) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
+
+
+def train_together(runs: Sequence[Run], epoch: int) -> list:
+    """One epoch of several runs over the same batches (a cohort, kdbench.cohort): each batch is drawn and augmented
+    once and each run takes its own step on it. Every run keeps its own global RNG stream (dropout, a method's
+    negatives), swapped in around its steps, so each run's epoch is the one it trains alone. Returns each run's
+    means, or the exception that stopped it (the others go on)."""
+    device = runs[0].loader.device
+    tallies, results = [], [None] * len(runs)
+    for run in runs:
+        tallies.append(begin_epoch(run, epoch))
+        tallies[-1].rng = _rng_state(device)
+    # teacher outputs shared by the cohort (kdbench.cohort) compute the union of the members' taps once per batch
+    shared = [t for run in runs for t in (run.teachers or ((run.teacher,) if run.teacher is not None else ()))
+              if hasattr(t, "begin_batch")]
+    for batch in runs[0].loader.epoch(epoch_seed(runs[0].seed, epoch)):
+        for teacher in shared:
+            teacher.begin_batch(batch)
+        for i, (run, tally) in enumerate(zip(runs, tallies)):
+            if results[i] is not None:
+                continue
+            _set_rng_state(tally.rng, device)
+            try:
+                train_batch(run, tally, batch)
+            except Exception as err:  # noqa: BLE001  (a member's failure is its own)
+                results[i] = err
+            tally.rng = _rng_state(device)
+    for i, (run, tally) in enumerate(zip(runs, tallies)):
+        if results[i] is None:
+            try:
+                results[i] = end_epoch(run, tally)
+            except Exception as err:  # noqa: BLE001
+                results[i] = err
+    return results
 
 
 # ----------------------------------------------------------------------------- the epoch loop
@@ -221,6 +289,53 @@ def fit(run: Run, epochs: Sequence[int], lr_at: Callable[[int], float],
             callback(entry, ev)
         if lines and (epoch % every == 0 or epoch == last):
             print(progress_line(progress, epoch, total or last, entry, ev), file=sys.stderr, flush=True)
+
+
+@dataclass
+class Member:
+    """A run in a cohort, with what fit() takes for it alone: its LR schedule, evaluation and end-of-epoch callbacks,
+    the first epoch it has not done (resumed members join later), and what to do when it fails."""
+
+    run: Run
+    lr_at: Callable[[int], float]
+    evaluation: Callable[[], tuple[dict, Evaluation]]
+    callbacks: Sequence[EpochCallback]
+    start: int
+    on_failure: Callable[[BaseException], None]
+    name: str = ""
+    failed: Optional[BaseException] = None
+
+
+def fit_cohort(members: Sequence[Member], total: int, progress: bool = False) -> None:
+    """fit() for a cohort: epochs start..total of every member in lockstep over shared batches (train_together),
+    then each member's evaluation and callbacks. A failing member is handed to its on_failure and left out; the
+    others go on."""
+    for epoch in range(min(m.start for m in members), total + 1):
+        active = [m for m in members if m.start <= epoch and m.failed is None]
+        if not active:
+            return
+        t0 = time.time()
+        lrs = [m.lr_at(epoch) for m in active]
+        for m, lr in zip(active, lrs):
+            m.run.step.set_lr(lr)
+        results = train_together([m.run for m in active], epoch)
+        seconds = round((time.time() - t0) / len(active), 3)  # the epoch's time, shared equally
+        for m, lr, result in zip(active, lrs, results):
+            try:
+                if isinstance(result, BaseException):
+                    raise result
+                entry = {"epoch": epoch, "lr": lr, "train": result}
+                fields, ev = m.evaluation()
+                entry.update(fields)
+                entry["seconds"] = seconds
+                for callback in m.callbacks:
+                    callback(entry, ev)
+            except Exception as err:  # noqa: BLE001
+                m.failed = err
+                m.on_failure(err)
+                continue
+            if progress:
+                print(progress_line(m.name, epoch, total, entry, ev), file=sys.stderr, flush=True)
 
 
 PROGRESS_EVERY_SETTING = "KDBENCH_PROGRESS_EVERY"
