@@ -36,7 +36,7 @@ from kdbench.loggers import create_logger
 from kdbench.models import TapModel, count_parameters, create_model, load_reference_checkpoint, probe_taps
 from kdbench.optim import build_step, constant_sgd_step, lr_at
 from kdbench.record import RECORD_FILE, RunRecord, read_record
-from kdbench.teachers import TeacherOutputs, TeacherStore, cache_bytes, cache_is_exact
+from kdbench.teachers import ANCHORS_DIR, TeacherOutputs, TeacherStore, cache_bytes, cache_is_exact
 from kdbench.train import Run, autocast, configure_determinism, evaluate, fit, resolve_device, summary
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -409,6 +409,9 @@ def _fit(job: Job, student: TapModel, method: Method, outputs: list[TeacherOutpu
 
     def end_of_epoch(entry: dict, ev) -> None:
         history.append(entry)
+        if tr.keep_every and entry["epoch"] % tr.keep_every == 0 and entry["epoch"] < tr.epochs:
+            save_torch(out_dir / ANCHORS_DIR / f"epoch{entry['epoch']}.pt", {"model": student.state_dict(),
+                                                                             "epoch": entry["epoch"]})
         save_torch(ckpt_path, {"epoch": entry["epoch"], "stages_done": stages_done, "student": student.state_dict(),
                                "method": method.state_dict(), "optimizer": policy.optimizer.state_dict(),
                                "history": history, "class_errors": ev.class_errors, "config_hash": job.key})
@@ -450,7 +453,8 @@ def obtain_teacher(spec: TeacherSpec, store_root: Path, data: Data, device: torc
                     print(f"kdbench: teacher {label}: not in the store, training it now ({describe_training(spec)}) "
                           f"into {entry.directory}", flush=True)
                     _, trained = train_job(spec.job, entry.train_dir)
-                    store.put(entry, trained.state_dict(), spec.job.key, semantic_config(spec.job.config))
+                    kept = {int(p.stem[len("epoch"):]): p for p in (entry.train_dir / ANCHORS_DIR).glob("epoch*.pt")}
+                    store.put(entry, trained.state_dict(), spec.job.key, semantic_config(spec.job.config), kept)
                     (entry.train_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
                     how = ""
         if how:
@@ -458,6 +462,8 @@ def obtain_teacher(spec: TeacherSpec, store_root: Path, data: Data, device: torc
         checkpoint, sha = store.load(entry)
         load_reference_checkpoint(model, checkpoint)
         source = {"kind": "store", "path": str(entry.weights), "sha256": sha, "key": spec.job.key}
+        # the weights kept during its training (trainer.keep_every), for methods that learn from the teacher's route
+        model.kdbench_anchors = [(epoch, str(path), digest) for epoch, path, digest in store.anchors(entry)]
         if spec.job.labels["teacher"] is not None:
             source["distilled_from"] = spec.job.labels["teacher"]
             source["distill_method"] = spec.job.labels["method"]
