@@ -441,6 +441,7 @@ def obtain_teacher(spec: TeacherSpec, store_root: Path, data: Data, device: torc
         load_reference_checkpoint(model, load_torch(spec.checkpoint, "teacher checkpoint"), str(spec.checkpoint),
                                   spec.model.name)
         source = {"kind": "checkpoint", "path": str(spec.checkpoint), "sha256": sha256_file(spec.checkpoint)}
+        model.kdbench_anchors = []  # a weights file keeps no training route
     else:
         store = TeacherStore(store_root)
         entry = store.entry(spec.entry)

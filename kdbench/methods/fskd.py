@@ -86,6 +86,13 @@ def absorb_pointwise(conv: nn.Conv2d, bn: nn.BatchNorm2d, q: torch.Tensor) -> No
     bn.running_var.fill_(1.0 - bn.eps)
 
 
+class _Scratch(dict):
+    """The BN outputs the hooks capture during a forward (graph tensors: never copied with the method)."""
+
+    def __deepcopy__(self, memo):
+        return _Scratch()
+
+
 @register_method("fskd")
 class FSKD(Method):
     def __init__(self, cfg, pair):
@@ -114,7 +121,7 @@ class FSKD(Method):
         for i, (_, _, bn) in enumerate(levels):
             self.register_buffer(f"q{i}", torch.eye(bn.num_features))
         self.register_buffer("aligned", torch.tensor(False))
-        self._captured: dict[int, torch.Tensor] = {}
+        self._captured = _Scratch()
         self._hooks = [bn.register_forward_hook(self._hook(i)) for i, bn in enumerate(self._bns)]
         self._check_additive(pair)
         self.student_taps = tuple(s for s, _ in self.levels)

@@ -229,14 +229,20 @@ def test_benchmark_method_jobs_run_resnet32x4_to_resnet8x4(run_job, random_teach
 # widths, OFD and ReviewKD need pre-activation features MobileNetV2 does not define (mdistiller cannot either).
 CROSS_ARCH_REFUSES = {"kdsvd", "fsp", "ofd", "reviewkd",
                      # CAT-KD needs the map MobileNetV2 pools (after its conv2, no tap); ReviewKD++ is reviewkd's
-                     "cat_kd", "reviewkd_nd"}
+                     "cat_kd", "reviewkd_nd",
+                     # MobileNetV2 has no pre-activation taps (MGD, FSKD), other widths than vgg13 (MHGD compares
+                     # singular vectors over channels) and is no VGG (NetGraft grafts VGG blocks)
+                     "mgd", "fskd", "mhgd", "netgraft"}
 NO_TEACHER = {"vanilla", "dml", "tf_kd", "uskd"}
 STAGE_OPTIONS = {"ab": ["method.stage_epochs=1"], "fsp": ["method.stage_epochs=1"],
                  # an untrained teacher's last map is ~1e2 in scale: a tiny paraphraser LR keeps the stage finite
                  "ft": ["method.stage_epochs=1", "method.stage_lr=1e-6"],
                  "sskd": ["method.stage_epochs=1"],
                  # an untrained teacher has pooled channels that are 0 on every image: ITRD's batch std needs an eps
-                 "itrd": ["method.std_eps=1e-6"]}
+                 "itrd": ["method.std_eps=1e-6"],
+                 "tofd": ["method.stage_epochs=1"],
+                 # a checkpoint teacher keeps no training route: RCO distils from it alone
+                 "rco": ["method.require_anchors=false"]}
 CROSS_ARCH_PAIR = {"tf_kd_self": ("MobileNetV2", "MobileNetV2"), "ban": ("MobileNetV2", "MobileNetV2")}
 
 
