@@ -123,6 +123,17 @@ def estimator_loss(v_hat: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return (1 - (v_hat * v.detach()).sum(-1)).mean()
 
 
+def clipped_sum(g_task, g_dist, ramp: float):
+    """g_task + g_dist rescaled to norm <= ||g_task|| * ramp (tf.clip_by_norm per parameter; a parameter without a
+    task gradient gets its distillation gradient clipped to 0, one without a distillation gradient g_task alone)."""
+    if g_dist is None:
+        return None if g_task is None else g_task.clone()
+    limit = g_task.norm() * ramp if g_task is not None else torch.zeros((), device=g_dist.device)
+    norm = g_dist.norm()
+    scale = torch.where(norm > limit, limit / norm.clamp_min(1e-12), torch.ones_like(norm))
+    return g_dist * scale if g_task is None else g_task + g_dist * scale
+
+
 def ce_ramp(epoch: int) -> float:
     """sigmoid(epoch_0 - init_epoch) of the code for kdbench's 1-indexed main epochs: 1 / (1 + exp(-(epoch - 1)))."""
     s = 1.0 / (1.0 + math.exp(-(epoch - 1)))
@@ -211,13 +222,7 @@ class MHGD(Method):
         optimizer = step.run.step.optimizer
         optimizer.zero_grad(set_to_none=True)
         for p, gc, gd in zip(params, g_task, g_dist):
-            grad = None if gc is None else gc.clone()
-            if gd is not None:
-                limit = (gc.norm() * ramp) if gc is not None else torch.zeros((), device=gd.device)
-                norm = gd.norm()
-                gd = gd * torch.where(norm > limit, limit / norm.clamp_min(1e-12), torch.ones_like(norm))
-                grad = gd if grad is None else grad + gd
-            p.grad = grad
+            p.grad = clipped_sum(gc, gd, ramp)
         optimizer.step()
         return total, terms
 

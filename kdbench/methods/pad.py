@@ -17,8 +17,8 @@ total = ce * CE + pad_l2 * PAD-L2 (torchdistill's rrpr2020 config: ce 1, pad_l2 
 Code vs paper / protocol: torchdistill runs PAD as the second stage of a two-stage recipe (a student first trained
 with CE + L2 on the embedding, then 30 epochs of CE + PAD-L2 at lr 0.002 on ImageNet). kdbench trains CE + PAD-L2
 from a fresh student with the data set's recipe (one stage); the paper's CIFAR-100 settings are not in any released
-code. The var_estimator is a trainable head (it joins the optimizer and is counted in extra_params; 131,584 parameters
-for resnet32x4 -> resnet8x4: Linear 256*256 + 256, BN 2*256).
+code. The var_estimator is a trainable head (it joins the optimizer and is counted in extra_params; 66,304 parameters
+for resnet32x4 -> resnet8x4: Linear 256*256 + 256 = 65,792, BN 2*256 = 512, 66,304 in all).
 """
 from __future__ import annotations
 
