@@ -410,6 +410,7 @@ def _fit(job: Job, student: TapModel, method: Method, outputs: list[TeacherOutpu
     def end_of_epoch(entry: dict, ev) -> None:
         history.append(entry)
         if tr.keep_every and entry["epoch"] % tr.keep_every == 0 and entry["epoch"] < tr.epochs:
+            (out_dir / ANCHORS_DIR).mkdir(parents=True, exist_ok=True)
             save_torch(out_dir / ANCHORS_DIR / f"epoch{entry['epoch']}.pt", {"model": student.state_dict(),
                                                                              "epoch": entry["epoch"]})
         save_torch(ckpt_path, {"epoch": entry["epoch"], "stages_done": stages_done, "student": student.state_dict(),
