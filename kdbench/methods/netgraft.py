@@ -56,13 +56,19 @@ def normalized_logit_mse(z_s: torch.Tensor, z_t: torch.Tensor) -> torch.Tensor:
 
 
 def phase_bounds(lengths, total_epochs: int) -> list[int]:
-    """Cumulative last epochs of phases of `lengths`, scaled to total_epochs (rounded; the last ends at the total)."""
+    """Cumulative last epochs of phases of `lengths`, scaled to total_epochs (rounded; the last ends at the total);
+    every phase keeps at least one epoch when there are as many epochs as phases."""
     total = float(sum(lengths))
     bounds, acc = [], 0.0
     for n in lengths:
         acc += n
         bounds.append(int(round(acc / total * total_epochs)))
     bounds[-1] = total_epochs
+    if total_epochs >= len(bounds):
+        for i in range(1, len(bounds)):
+            bounds[i] = max(bounds[i], bounds[i - 1] + 1)
+        for i in range(len(bounds) - 1, -1, -1):
+            bounds[i] = min(bounds[i], total_epochs - (len(bounds) - 1 - i))
     return bounds
 
 
