@@ -50,6 +50,11 @@ TABLES = {
     "Liu2021_ICKD": ["ickd_cifar100"],
     "Miles2022_ITRD": ["itrd_cifar100_same", "itrd_cifar100_cross"],
     "Wang2023_ND": ["nd_cifar100"],
+    "Lee2019_MHGD": ["mhgd_cifar100"],
+    "Shen2021_NetGraft": ["netgraft_cifar10", "netgraft_cifar10_5shot", "netgraft_cifar10_1shot", "netgraft_cifar100",
+                          "netgraft_cifar100_5shot", "netgraft_cifar100_1shot"],
+    "Liu2019_IRG": ["irg_cifar10_kdzoo", "irg_cifar100_kdzoo"],
+    "Zhang2020_PAD": [],  # ImageNet cells only (torchdistill's reproduction; the paper's CIFAR-100 tables not transcribed)
 }
 # Data sets whose rows a paper CSV may carry before kdbench can run them (no conf/dataset/<name>.yaml yet): their cells
 # are not required to have a job until the data set exists (ImageNet is another issue).
