@@ -137,3 +137,13 @@ def test_fskd_job_runs_resnet32x4_to_resnet8x4(run_job, teacher_checkpoints):
 def test_fskd_job_runs_the_cross_architecture_pair_vgg13_to_vgg8(run_job, teacher_checkpoints):
     """vgg13 -> MobileNetV2 is refused (no pre-activation maps); a VGG pair of equal widths trains and aligns."""
     assert one_epoch(run_job, teacher_checkpoints, "fskd", "vgg13", "vgg8")["status"] == "completed"
+
+
+def test_no_gradient_reaches_the_teacher_in_the_transfer_set_training():
+    from tests.conftest import make_batch
+    from tests.helpers import assert_no_teacher_grad, forward
+
+    pair = make_pair("resnet14", "resnet8", 10, (3, 16, 16))
+    m = create_method(method_options("fskd"), pair)
+    s, t = forward(pair, m, n=3, shape=(3, 16, 16))
+    assert_no_teacher_grad(m.all_terms(make_batch(3, 10), s, t)["kd"], *t.values())

@@ -114,3 +114,23 @@ def test_netgraft_job_runs_the_codes_pair_at_32_pixels(run_job, teacher_checkpoi
     record = run_job(*TINY_SYNTHETIC, "teacher=vgg16", "student=vgg16_graft", "method=netgraft", "trainer.epochs=5",
                      f"teacher.checkpoint={teacher_checkpoints('vgg16')}")
     assert record["status"] == "completed"
+
+
+def test_gradients_pass_through_the_frozen_teacher_blocks_to_the_grafted_unit_but_never_into_the_teacher():
+    """The job freezes the teacher (requires_grad False, eval mode): the graft loss moves only the student unit and
+    its adapters, and no optimizer of the method holds a teacher parameter."""
+    from kdbench.methods.netgraft import normalized_logit_mse
+
+    pair = make_pair("vgg16", "vgg16_graft", 10, SHAPE, epochs=5)
+    pair.teacher.eval().requires_grad_(False)
+    m = create_method(method_options("netgraft"), pair)
+    x = torch.randn(2, *SHAPE)
+    with torch.no_grad():
+        z_t = pair.teacher(x)
+    normalized_logit_mse(m.grafted_logits(x, 0, 0), z_t).backward()
+    assert all(p.grad is None for p in pair.teacher.parameters())
+    assert pair.student.block3[0].weight.grad is not None and m.s2t[0].weight.grad is not None
+    teacher_ids = {id(p) for p in pair.teacher.parameters()}
+    for phase in m.phases:
+        params = {id(p) for g in m.optimizer_for(phase).param_groups for p in g["params"]}
+        assert not params & teacher_ids

@@ -71,3 +71,17 @@ def test_a_stored_teacher_keeps_its_anchors_and_the_student_follows_them(run_job
     for entry in anchors.values():
         assert (meta.parent / entry["file"]).is_file()
     assert not list((meta.parent / "train").glob("anchors/*.pt"))  # moved into the entry, not copied
+
+
+def test_no_gradient_reaches_the_teacher_or_an_anchor(tmp_path):
+    from tests.conftest import make_batch
+    from tests.helpers import assert_no_teacher_grad, forward
+
+    pair = make_pair("resnet8", "resnet8", 10, (3, 16, 16), epochs=2)
+    torch.save({"model": create_model("resnet8", num_classes=10, input_shape=(3, 16, 16)).state_dict()}, tmp_path / "a.pt")
+    m = create_method(method_options("rco", anchors=[str(tmp_path / "a.pt")]), pair)
+    s, t = forward(pair, m, n=3, shape=(3, 16, 16))
+    assert_no_teacher_grad(m.all_terms(make_batch(3, 10), s, t)["kd"], *t.values())
+    z_anchor = m.anchor_logits(torch.randn(3, 3, 16, 16), 1)
+    assert not z_anchor.requires_grad
+    assert all(not p.requires_grad for p in m._current.model.parameters())
