@@ -18,8 +18,9 @@ one on CE (the learning rate and weight decay of the run's optimizer), then the 
 same batch is differentiated through the look-ahead steps into the meta-networks, which Adam updates (meta_lr 1e-4,
 weight decay 1e-4); the student is rolled back to its state after (1) (MetaSGD rollback=True, BatchNorm buffers
 included). Option order: meta_first runs (2) before (1) on each batch.
-Differences from the code: the look-ahead steps are plain SGD (the code's MetaSGD carries the momentum buffers into
-the unrolled steps and their meta-gradient); the meta-networks' Adam state is not in the checkpoint (a resumed run
+The look-ahead steps are SGD with the run optimizer's momentum, starting from its momentum buffers (as MetaSGD steps
+with the real optimizer state, restored afterwards), unrolled with autograd (MetaSGD writes the same adjoint
+recurrence by hand). Differences from the code: the meta-networks' Adam state is not in the checkpoint (a resumed run
 restarts its moments); the source network is the run's teacher trained on the same data (the code transfers from a
 network pre-trained on another domain: ImageNet -> CUB/Dogs, TinyImageNet -> CIFAR-100/STL-10).
 Pairs: `all` (every teacher stage with every student stage; the code's ImageNet default pairs 4 x 4 layers) or
@@ -143,48 +144,60 @@ class L2TWW(Method):
     # -- the meta step
 
     def meta_step(self, batch, teacher, step) -> None:
+        """Look-ahead from the current student (SGD with the run optimizer's lr, momentum, its momentum buffers as
+        they are, weight decay), the looked-ahead CE differentiated into the meta-networks, one Adam step on them;
+        the student, its BN statistics and the optimizer state are left as they were (rollback)."""
         weights = self.term_weights(step.epoch)
-        group = step.run.step.optimizer.param_groups[0]
+        optimizer = step.run.step.optimizer
+        group = optimizer.param_groups[0]
         lr, wd = float(group["lr"]), float(group.get("weight_decay", 0.0))
+        mu, nesterov = float(group.get("momentum", 0.0)), bool(group.get("nesterov", False))
         target = _Target(self._student[0], self.regressors)
-        names = [n for n, p in target.named_parameters() if p.requires_grad]
-        params = {n: p.detach().clone().requires_grad_(True) for n, p in target.named_parameters() if p.requires_grad}
+        named = [(n, p) for n, p in target.named_parameters() if p.requires_grad]
+        names = [n for n, _ in named]
+        theta = {n: p.detach().clone().requires_grad_(True) for n, p in named}
+        velocity = {}
+        for n, p in named:
+            buf = optimizer.state.get(p, {}).get("momentum_buffer")
+            velocity[n] = buf.detach().clone() if buf is not None else None
         buffers = {n: b.clone() for n, b in target.named_buffers()}  # BN statistics of the look-ahead are discarded
-        reg_names = [n for n in names if n.startswith("regressors.")]
 
-        def run(theta):
-            out = functional_call(target, (theta, buffers), (batch.inputs, self.student_taps))
+        def run(params):
+            return functional_call(target, (params, buffers), (batch.inputs, self.student_taps))
+
+        def regs(params):
+            return [lambda x, w=params[f"regressors.{k}.weight"], b=params[f"regressors.{k}.bias"]: F.conv2d(x, w, b)
+                    for k in range(len(self.regressors))]
+
+        def sgd(params, loss):
+            grads = torch.autograd.grad(loss, [params[n] for n in names], create_graph=True, allow_unused=True)
+            out = {}
+            for n, g in zip(names, grads):
+                if g is None:
+                    out[n] = params[n]
+                    continue
+                d = g + wd * params[n]
+                if mu:
+                    v = d if velocity[n] is None else mu * velocity[n] + d
+                    velocity[n] = v
+                    d = d + mu * v if nesterov else v
+                out[n] = params[n] - lr * d
             return out
 
-        def regs(theta):
-            mods = []
-            for k, conv in enumerate(self.regressors):
-                w, b = theta[f"regressors.{k}.weight"], theta[f"regressors.{k}.bias"]
-                mods.append(lambda x, w=w, b=b: F.conv2d(x, w, b))
-            return mods
-
-        theta = dict(params)
         for _ in range(self.lookahead):
             out = run(theta)
-            loss = weights.get("l2t_match", 1.0) * self.matching_loss(out, teacher, regs(theta))
-            grads = torch.autograd.grad(loss, [theta[n] for n in names], create_graph=True, allow_unused=True)
-            theta = {n: (theta[n] - lr * (g + wd * theta[n]) if g is not None else theta[n])
-                     for n, g in zip(names, grads)}
-        out = run(theta)
-        ce = F.cross_entropy(out["logits"], batch.targets)
-        grads = torch.autograd.grad(ce, [theta[n] for n in names], create_graph=True, allow_unused=True)
-        theta = {n: (theta[n] - lr * (g + wd * theta[n]) if g is not None else theta[n]) for n, g in zip(names, grads)}
+            theta = sgd(theta, weights.get("l2t_match", 1.0) * self.matching_loss(out, teacher, regs(theta)))
+        theta = sgd(theta, F.cross_entropy(run(theta)["logits"], batch.targets))
         outer = F.cross_entropy(run(theta)["logits"], batch.targets)
         meta = self.meta_parameters()
         meta_grads = torch.autograd.grad(outer, meta, allow_unused=True)
         if self._meta["optimizer"] is None:
             self._meta["optimizer"] = torch.optim.Adam(meta, lr=self.meta_lr, weight_decay=self.meta_wd)
-        optimizer = self._meta["optimizer"]
-        optimizer.zero_grad(set_to_none=True)
+        meta_optimizer = self._meta["optimizer"]
+        meta_optimizer.zero_grad(set_to_none=True)
         for p, g in zip(meta, meta_grads):
             p.grad = g
-        optimizer.step()
-        del reg_names
+        meta_optimizer.step()
 
     def train_step(self, batch, step):
         teacher = step.teacher(batch)

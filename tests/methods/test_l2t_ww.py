@@ -100,6 +100,13 @@ def test_the_meta_step_moves_the_meta_networks_and_rolls_the_student_back():
     total, terms = m.train_step(batch, Step())  # the student's step then the meta step
     assert set(terms) == {"ce", "l2t_match"} and torch.isfinite(total)
     assert any(not torch.equal(before[k], student.state_dict()[k]) for k in before)
+    # the look-ahead starts from the optimizer's momentum buffers and leaves them (and the student) as they were
+    buffers = {id(p): policy.optimizer.state[p]["momentum_buffer"].clone() for p in student.parameters()}
+    weights = {k: v.clone() for k, v in student.state_dict().items()}
+    m.meta_step(batch, t_out, Step())
+    assert all(torch.equal(buffers[id(p)], policy.optimizer.state[p]["momentum_buffer"]) for p in student.parameters())
+    assert all(torch.equal(weights[k], student.state_dict()[k]) for k in weights)
+    assert all(torch.isfinite(p).all() for p in m.meta_parameters())
 
 
 def test_l2t_ww_refuses_an_mlp_pair():
