@@ -47,6 +47,7 @@ class DatasetConfig:
     crop_padding: int = 0  # RandomCrop(H, padding) with zero fill; 0 = off
     hflip: bool = False  # RandomHorizontalFlip(0.5)
     train_size: Optional[int] = None  # synthetic: samples to make; real data: seeded random subset
+    samples_per_class: Optional[int] = None  # few-shot transfer sets: a seeded subset of this many per class
     test_size: Optional[int] = None
     seed: int = 0  # synthetic generation and subset selection
     exclude_train_classes: list[int] = field(default_factory=list)  # e.g. Hinton's "no 3s in the transfer set"
@@ -65,6 +66,8 @@ class DatasetConfig:
                     f"needs one positive value per channel ({channels}), got {list(self.std)}"),
                crop_padding=(self.crop_padding >= 0, f"must be >= 0, got {self.crop_padding}"),
                train_size=(self.train_size is None or self.train_size >= 1, f"must be >= 1, got {self.train_size}"),
+               samples_per_class=(self.samples_per_class is None or self.samples_per_class >= 1,
+                                  f"must be >= 1 or null, got {self.samples_per_class}"),
                test_size=(self.test_size is None or self.test_size >= 1, f"must be >= 1, got {self.test_size}"),
                exclude_train_classes=(all(0 <= c < self.num_classes for c in self.exclude_train_classes)
                                       and len(set(self.exclude_train_classes)) < self.num_classes,
@@ -144,6 +147,7 @@ class TrainerConfig:
     teacher_cache: bool = True  # compute teacher outputs once per sample when exact (no augmentation, eval teacher)
     teacher_cache_gb: float = 4.0  # ... and when they fit in this much device memory
     sync_bn: bool = False  # distributed jobs on GPUs: the student's BatchNorm statistics over the global batch
+    keep_every: int = 0  # > 0: keep the weights after every this many epochs (a stored teacher's anchors; RCO)
 
     def __post_init__(self):
         import re
@@ -157,7 +161,8 @@ class TrainerConfig:
                precision=(_value(self.precision) in ("fp32", "bf16", "fp16"),
                           f"must be fp32, bf16 or fp16, got '{_value(self.precision)}'"),
                num_workers=(self.num_workers >= 0, f"must be >= 0, got {self.num_workers}"),
-               teacher_cache_gb=(self.teacher_cache_gb >= 0, f"must be >= 0, got {self.teacher_cache_gb}"))
+               teacher_cache_gb=(self.teacher_cache_gb >= 0, f"must be >= 0, got {self.teacher_cache_gb}"),
+               keep_every=(self.keep_every >= 0, f"must be >= 0 (0 = off), got {self.keep_every}"))
 
 
 def _value(option) -> str:
@@ -187,7 +192,7 @@ class TeacherConfig(StudentConfig):
 NON_SEMANTIC = ("hydra", "paths", "logger", "dry_run", "dry_run_tflops", "dataset.root", "dataset.download",
                 "trainer.device", "trainer.progress", "trainer.resume", "trainer.num_workers",
                 "trainer.data_on_device", "trainer.eval_batch_size", "trainer.teacher_cache",
-                "trainer.teacher_cache_gb")
+                "trainer.teacher_cache_gb", "trainer.keep_every")
 
 
 def override_key(override: str) -> str:

@@ -39,7 +39,7 @@ from kdbench.loggers import create_logger
 from kdbench.models import TapModel, count_parameters, create_model, load_reference_checkpoint, probe_taps
 from kdbench.optim import build_step, constant_sgd_step, lr_at
 from kdbench.record import RECORD_FILE, RunRecord, read_record
-from kdbench.teachers import TeacherOutputs, TeacherStore, cache_bytes, cache_is_exact
+from kdbench.teachers import ANCHORS_DIR, TeacherOutputs, TeacherStore, cache_bytes, cache_is_exact
 from kdbench.train import (Member, Run, autocast, configure_determinism, evaluate, fit, resolve_device,
                            summary)
 
@@ -533,6 +533,10 @@ class Trainee:
 
         def end_of_epoch(entry: dict, ev) -> None:
             history.append(entry)
+            if tr.keep_every and entry["epoch"] % tr.keep_every == 0 and entry["epoch"] < tr.epochs and w.main:
+                (self.out_dir / ANCHORS_DIR).mkdir(parents=True, exist_ok=True)  # a stored teacher's route (RCO)
+                save_torch(self.out_dir / ANCHORS_DIR / f"epoch{entry['epoch']}.pt",
+                           {"model": student.state_dict(), "epoch": entry["epoch"]})
             self._save({"epoch": entry["epoch"], "stages_done": self.stages_done, "student": student.state_dict(),
                         "method": method.state_dict(), "optimizer": policy.optimizer.state_dict(),
                         "history": history, "class_errors": ev.class_errors, "config_hash": job.key})
@@ -570,11 +574,13 @@ def obtain_teacher(spec: TeacherSpec, store_root: Path, data: Data, device: torc
         model = create_model(spec.model.name, num_classes=data.num_classes, input_shape=data.input_shape,
                              **{**spec.model.kwargs, "weights": spec.pretrained})
         source = {"kind": "pretrained", "weights": spec.pretrained, "path": str(path), "sha256": sha256_file(path)}
+        model.kdbench_anchors = []  # pretrained weights keep no training route
     elif spec.checkpoint is not None:
         say(f"kdbench: teacher {label}: loading checkpoint {spec.checkpoint}", flush=True)
         load_reference_checkpoint(model, load_torch(spec.checkpoint, "teacher checkpoint", allow_pickle=True), str(spec.checkpoint),
                                   spec.model.name)
         source = {"kind": "checkpoint", "path": str(spec.checkpoint), "sha256": sha256_file(spec.checkpoint)}
+        model.kdbench_anchors = []  # a weights file keeps no training route
     else:
         store = TeacherStore(store_root)
         entry = store.entry(spec.entry)
@@ -590,7 +596,8 @@ def obtain_teacher(spec: TeacherSpec, store_root: Path, data: Data, device: torc
                         f"into {entry.directory}", flush=True)
                     _, trained = train_job(spec.job, entry.train_dir)
                     if w.main:
-                        store.put(entry, trained.state_dict(), spec.job.key, semantic_config(spec.job.config))
+                        kept = {int(p.stem[len("epoch"):]): p for p in (entry.train_dir / ANCHORS_DIR).glob("epoch*.pt")}
+                        store.put(entry, trained.state_dict(), spec.job.key, semantic_config(spec.job.config), kept)
                         (entry.train_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
                     distributed.barrier(w)
                     how = ""
@@ -599,6 +606,8 @@ def obtain_teacher(spec: TeacherSpec, store_root: Path, data: Data, device: torc
         checkpoint, sha = store.load(entry)
         load_reference_checkpoint(model, checkpoint)
         source = {"kind": "store", "path": str(entry.weights), "sha256": sha, "key": spec.job.key}
+        # the weights kept during its training (trainer.keep_every), for methods that learn from the teacher's route
+        model.kdbench_anchors = [(epoch, str(path), digest) for epoch, path, digest in store.anchors(entry)]
         if spec.job.labels["teacher"] is not None:
             source["distilled_from"] = spec.job.labels["teacher"]
             source["distill_method"] = spec.job.labels["method"]

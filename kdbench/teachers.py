@@ -30,6 +30,7 @@ STORE_SETTING = "paths.teacher_store=<dir>"
 WEIGHTS_FILE = "teacher.pt"
 META_FILE = "meta.json"
 TRAIN_DIR = "train"
+ANCHORS_DIR = "anchors"  # weights kept during the teacher's training (trainer.keep_every): anchors/epoch<E>.pt
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,10 @@ class StoreEntry:
     @property
     def train_dir(self) -> Path:
         return self.directory / TRAIN_DIR
+
+    @property
+    def anchors_dir(self) -> Path:
+        return self.directory / ANCHORS_DIR
 
     def exists(self) -> bool:
         """Whether the entry is complete (its meta.json is written last)."""
@@ -76,10 +81,26 @@ class TeacherStore:
             finally:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
-    def put(self, entry: StoreEntry, state_dict: dict, key: str, config: dict) -> None:
+    def put(self, entry: StoreEntry, state_dict: dict, key: str, config: dict, anchors: dict | None = None) -> None:
+        """Store the weights (and the anchors kept during training: {epoch: file}, moved into the entry's anchors/,
+        listed in meta.json with their sha256); meta.json is written last."""
         save_torch(entry.weights, {"model": state_dict})
-        write_json(entry.meta, {"key": key, "sha256": sha256_file(entry.weights), "config": config,
-                                "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+        kept = {}
+        for epoch, path in sorted((anchors or {}).items()):
+            target = entry.anchors_dir / f"epoch{int(epoch)}.pt"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            Path(path).replace(target)
+            kept[str(int(epoch))] = {"file": f"{ANCHORS_DIR}/{target.name}", "sha256": sha256_file(target)}
+        meta = {"key": key, "sha256": sha256_file(entry.weights), "config": config,
+                "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        if kept:
+            meta["anchors"] = kept
+        write_json(entry.meta, meta)
+
+    def anchors(self, entry: StoreEntry) -> list[tuple[int, Path, str]]:
+        """(epoch, weights file, recorded sha256) of the entry's anchors, by epoch ([] when it kept none)."""
+        meta = json.loads(entry.meta.read_text())
+        return sorted((int(e), entry.directory / a["file"], a["sha256"]) for e, a in (meta.get("anchors") or {}).items())
 
     def load(self, entry: StoreEntry) -> tuple[dict, str]:
         """(the stored checkpoint, its sha256) after checking the file against the recorded sha256."""

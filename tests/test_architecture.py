@@ -96,6 +96,7 @@ NON_SEMANTIC_EXAMPLES = {
     "trainer.num_workers": "trainer.num_workers=3", "trainer.data_on_device": "trainer.data_on_device=false",
     "trainer.eval_batch_size": "trainer.eval_batch_size=7", "trainer.teacher_cache": "trainer.teacher_cache=false",
     "trainer.teacher_cache_gb": "trainer.teacher_cache_gb=1",
+    "trainer.keep_every": "trainer.keep_every=10",  # a stored teacher's anchors (RCO): kept, the result unchanged
 }
 
 

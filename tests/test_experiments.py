@@ -57,6 +57,11 @@ TABLES = {
     "Yun2020_CSKD": ["cs_kd_cifar100"],
     "Zhang2019_BYOT": ["byot_cifar100", "byot_cifar100_resnet50"],  # the exits' cells are the runs' head rows
     "Bagherinezhad2018_LabelRefinery": [],  # ImageNet cells only (label_refinery_cifar100 runs the generations)
+    "Lee2019_MHGD": ["mhgd_cifar100"],
+    "Shen2021_NetGraft": ["netgraft_cifar10", "netgraft_cifar10_5shot", "netgraft_cifar10_1shot", "netgraft_cifar100",
+                          "netgraft_cifar100_5shot", "netgraft_cifar100_1shot"],
+    "Liu2019_IRG": ["irg_cifar10_kdzoo", "irg_cifar100_kdzoo"],
+    "Zhang2020_PAD": [],  # ImageNet cells only (torchdistill's reproduction; the paper's CIFAR-100 tables not transcribed)
 }
 # Data sets whose rows a paper CSV may carry before kdbench can run them (no conf/dataset/<name>.yaml yet): their cells
 # are not required to have a job until the data set exists (ImageNet is another issue).

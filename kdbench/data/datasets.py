@@ -51,6 +51,8 @@ def planned_train_size(cfg) -> int:
         raise KDBenchError(f"dry run: no known training-set size for dataset '{cfg.name}'; add it to "
                            f"kdbench.data.datasets.TRAIN_SIZES")
     kept = round(full * (1 - len(cfg.exclude_train_classes or []) / cfg.num_classes))
+    if getattr(cfg, "samples_per_class", None):
+        kept = min(kept, cfg.samples_per_class * (cfg.num_classes - len(cfg.exclude_train_classes or [])))
     if cfg.train_size is not None and cfg.name != "synthetic":
         kept = min(kept, cfg.train_size)
     return kept
@@ -59,13 +61,15 @@ def planned_train_size(cfg) -> int:
 def dataset_label(cfg) -> str:
     """The dataset as leaderboards name it: a transfer set without some classes is its own dataset, named by the
     classes left out (mnist-no3) or, when fewer are kept, by those kept (mnist-only78)."""
+    shots = cfg.get("samples_per_class") if hasattr(cfg, "get") else getattr(cfg, "samples_per_class", None)
+    name = f"{cfg.name}-{int(shots)}shot" if shots else str(cfg.name)  # an N-shot transfer set: cifar100-10shot
     excluded = sorted(int(c) for c in cfg.exclude_train_classes or [])
     if not excluded:
-        return str(cfg.name)
+        return name
     kept = [c for c in range(int(cfg.num_classes)) if c not in excluded]
     if len(kept) < len(excluded):
-        return f"{cfg.name}-only{''.join(map(str, kept))}"
-    return f"{cfg.name}-no{''.join(map(str, excluded))}"
+        return f"{name}-only{''.join(map(str, kept))}"
+    return f"{name}-no{''.join(map(str, excluded))}"
 
 
 def load_splits(cfg) -> tuple[Split, Split]:
@@ -75,11 +79,23 @@ def load_splits(cfg) -> tuple[Split, Split]:
         keep = ~torch.isin(train.labels, torch.tensor(list(cfg.exclude_train_classes)))
         train = train.subset(keep.nonzero().squeeze(1))
     generator = torch.Generator().manual_seed(cfg.seed)
+    if getattr(cfg, "samples_per_class", None):
+        train = train.subset(per_class_subset(train.labels, cfg.samples_per_class, generator))
     if cfg.train_size is not None and cfg.name != "synthetic":
         train = train.subset(torch.randperm(len(train), generator=generator)[: cfg.train_size])
     if cfg.test_size is not None and cfg.name != "synthetic":
         test = test.subset(torch.randperm(len(test), generator=generator)[: cfg.test_size])
     return train, test
+
+
+def per_class_subset(labels: torch.Tensor, per_class: int, generator: torch.Generator) -> torch.Tensor:
+    """Sorted indices of a seeded random subset of `per_class` samples of every class (all of a smaller class): the
+    N-shot transfer sets of few-shot distillation (NetGraft, FSKD)."""
+    keep = []
+    for c in torch.unique(labels).tolist():
+        idx = (labels == c).nonzero().squeeze(1)
+        keep.append(idx[torch.randperm(len(idx), generator=generator)[:per_class]])
+    return torch.sort(torch.cat(keep)).values
 
 
 def _missing(name: str, root: Path, layout: str) -> DataNotFound:

@@ -235,7 +235,10 @@ CROSS_ARCH_REFUSES = {"kdsvd", "fsp", "ofd", "reviewkd",
                      # light net's family (method.share=none serves it)
                      "one", "okddip", "ffl", "rocket",
                      # BYOT's bottleneck doubles a stage's width up to the pooled width: MobileNetV2's 12 -> 1280 cannot
-                     "byot"}
+                     "byot",
+                     # MobileNetV2 has no pre-activation taps (MGD, FSKD), other widths than vgg13 (MHGD compares
+                     # singular vectors over channels) and is no VGG (NetGraft grafts VGG blocks)
+                     "mgd", "fskd", "mhgd", "netgraft"}
 NO_TEACHER = {"vanilla", "dml", "tf_kd", "uskd", "one", "okddip", "ffl", "ktg", "rocket", "cs_kd", "byot", "sla_sd",
               "multi_exit"}
 STAGE_OPTIONS = {"ab": ["method.stage_epochs=1"], "fsp": ["method.stage_epochs=1"],
@@ -243,7 +246,10 @@ STAGE_OPTIONS = {"ab": ["method.stage_epochs=1"], "fsp": ["method.stage_epochs=1
                  "ft": ["method.stage_epochs=1", "method.stage_lr=1e-6"],
                  "sskd": ["method.stage_epochs=1"],
                  # an untrained teacher has pooled channels that are 0 on every image: ITRD's batch std needs an eps
-                 "itrd": ["method.std_eps=1e-6"]}
+                 "itrd": ["method.std_eps=1e-6"],
+                 "tofd": ["method.stage_epochs=1"],
+                 # a checkpoint teacher keeps no training route: RCO distils from it alone
+                 "rco": ["method.require_anchors=false"]}
 CROSS_ARCH_PAIR = {"tf_kd_self": ("MobileNetV2", "MobileNetV2"), "ban": ("MobileNetV2", "MobileNetV2")}
 
 
