@@ -50,6 +50,8 @@ TABLES = {
     "Liu2021_ICKD": ["ickd_cifar100"],
     "Miles2022_ITRD": ["itrd_cifar100_same", "itrd_cifar100_cross"],
     "Wang2023_ND": ["nd_cifar100"],
+    "Chen2019_DAFL": ["dafl_mnist", "dafl_cifar10", "dafl_cifar100"],
+    "Fang2019_DFAD": ["dfad_mnist", "dfad_cifar10", "dfad_cifar100"],
 }
 # Data sets whose rows a paper CSV may carry before kdbench can run them (no conf/dataset/<name>.yaml yet): their cells
 # are not required to have a job until the data set exists (ImageNet is another issue).
