@@ -378,6 +378,14 @@ REFERENCE: dict[str, dict] = {
                        weights={"one_hot": 1.0, "info_entropy": 5.0, "activation": 0.1, "kd": 1.0},
                        attrs={"batch_size": 512, "generator.latent_dim": 100, "generator_lr_base": 0.2,
                               "teacher_taps": ("stage3",)}),
+    # DAFL on CIFAR-10 (README command: --oh 0.05 --ie 5 --a 0.01, the rest as the CIFAR-100 command)
+    "dafl_cifar10": dict(config={"name": "dafl", "label": "dafl", "batch_size": 1024, "iterations": 120,
+                                 "latent_dim": 1000, "generator_lr": 0.02, "generator_schedule": "constant",
+                                 "generator_milestones": [], "generator_gamma": 0.1, "generator_width": 64,
+                                 "generator_bn_eps": 0.8, "feature_tap": "embedding", "activation_reduction": "mean",
+                                 "entropy_log_base": 10.0, "temperature": 1.0},
+                         weights={"one_hot": 0.05, "info_entropy": 5.0, "activation": 0.01, "kd": 1.0},
+                         attrs={"batch_size": 1024, "generator.latent_dim": 1000, "teacher_taps": ("embedding",)}),
     # DFAD (DFAD_cifar.py, README CIFAR-100 command with --scheduler: batch 256, 50 its, nz 256, lr_G 1e-3, 5 S steps
     # per G step, MultiStepLR([100, 200]) stepped before each epoch = milestones [99, 199] in the epoch > m rule)
     "dfad": dict(config={"name": "dfad", "batch_size": 256, "iterations": 50, "student_steps": 5, "latent_dim": 256,
@@ -888,7 +896,7 @@ EXPECTED_TERMS = {
     "simkd": exp_simkd, "semckd": exp_semckd, "srrl": exp_srrl, "cat_kd": exp_cat_kd, "ickd": exp_ickd,
     "ickd_kd": exp_ickd, "srd": exp_srd, "itrd": exp_itrd, "kd_nd": exp_kd_nd, "dkd_nd": exp_dkd_nd,
     "reviewkd_nd": exp_reviewkd_nd, "dist_nd": exp_dist_nd,
-    "dafl": exp_dafl, "dafl_mnist": exp_dafl, "dfad": exp_dfad, "dfad_mnist": exp_dfad, "zskt": exp_zskt,
+    "dafl": exp_dafl, "dafl_mnist": exp_dafl, "dafl_cifar10": exp_dafl, "dfad": exp_dfad, "dfad_mnist": exp_dfad, "zskt": exp_zskt,
     "deepinversion": exp_deepinversion, "adi": exp_deepinversion,
 }
 
