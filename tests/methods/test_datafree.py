@@ -221,3 +221,33 @@ def test_a_data_free_run_distils_resnet32x4_into_the_benchmark_student_and_acros
     assert record["status"] == "completed" and training_split_guard == []
     assert record["student"] == student and record["teacher"] == "resnet32x4"
     assert set(record["history"][0]["train"]) == {"loss", *EXPECTED_TERMS[name]}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["dafl", "zskt"])
+def test_an_interrupted_data_free_run_resumes_to_the_same_epochs_as_a_straight_one(
+        name, run_job, resnet8_checkpoint, monkeypatch, tmp_path):
+    """The generator, its BN statistics and its Adam moments are in the run checkpoint, and each epoch's latent codes
+    come from (seed, epoch): a run interrupted after epoch 1 finishes exactly as an uninterrupted one."""
+    import kdbench.job as job
+
+    overrides = [*TINY_SYNTHETIC, "trainer.epochs=2", "teacher=resnet8", "student=resnet8", f"method={name}",
+                 f"teacher.checkpoint={resnet8_checkpoint}", *TINY[name]]
+    straight = run_job(*overrides, name="straight")
+    real_evaluate, calls = job.evaluate, {"n": 0}
+
+    def interrupt_in_epoch_2(model, loader, precision="fp32", logits_of=None):
+        calls["n"] += 1
+        if calls["n"] == 3:  # teacher eval, epoch 1, then Ctrl-C at epoch 2's evaluation
+            raise KeyboardInterrupt
+        return real_evaluate(model, loader, precision, logits_of)
+
+    monkeypatch.setattr(job, "evaluate", interrupt_in_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        run_job(*overrides, name="resumed")
+    monkeypatch.setattr(job, "evaluate", real_evaluate)
+    resumed = run_job(*overrides, name="resumed")
+    assert [h["train"] for h in resumed["history"]] == [h["train"] for h in straight["history"]]
+    assert [h["test_top1"] for h in resumed["history"]] == [h["test_top1"] for h in straight["history"]]
+    ckpt = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=False)
+    assert ckpt["method"]["_extra_state"]["generator_optimizer"]["state"]
