@@ -15,6 +15,8 @@ on, for x' = x rolled by random offsets in [-jitter, jitter] (2) along H and W (
   competition  (ADI) 1 - clamp(JS, 0, 1), JS = (KL(M || P) + KL(M || Q)) / 2 averaged over the batch, P, Q the
                student's and teacher's softmax at T = 3 and M = (P + Q) / 2, each clamped to [0.01, 0.99] (the
                script's form; note KL(M || .), not the textbook KL(. || M)); the student runs in eval mode
+               (`competition_form: code`); `competition_form: paper` is the textbook JS the paper writes,
+               (KL(P || M) + KL(Q || M)) / 2 without the clamps
 objective = sum of `synthesis.<term>` * term. The teacher runs in eval mode (its running statistics are the
 targets). The script keeps the last iterate (its `best_inputs` aliases the optimised tensor), so does kdbench.
 
@@ -45,6 +47,7 @@ from kdbench.losses import kd_loss
 from kdbench.methods.datafree import DataFreeMethod, generated_batch
 
 SYNTHESIS_TERMS = ("ce", "bn", "tv", "l2", "competition")
+COMPETITION_FORMS = ("code", "paper")
 
 
 def bn_statistics_loss(stats: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]) -> torch.Tensor:
@@ -72,15 +75,23 @@ def l2_prior(x: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(x)
 
 
-def competition_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 3.0) -> torch.Tensor:
-    """ADI's 1 - clamp(JS, 0, 1) with the script's clamped probabilities and KL(M || .) (see the module docstring);
-    minimising it maximises the student-teacher disagreement. Both sides live (gradients reach the images)."""
+def competition_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 3.0,
+                     form: str = "code") -> torch.Tensor:
+    """ADI's 1 - clamp(JS, 0, 1), JS averaged over the batch; minimising it maximises the student-teacher
+    disagreement. Both sides live (gradients reach the images). code: the script's clamped probabilities and
+    (KL(M || P) + KL(M || Q)) / 2; paper: the textbook (KL(P || M) + KL(Q || M)) / 2, no clamps."""
     p = F.softmax(student_logits / temperature, dim=1)
     q = F.softmax(teacher_logits / temperature, dim=1)
-    m = (0.5 * (p + q)).clamp(0.01, 0.99)
-    p, q = p.clamp(0.01, 0.99), q.clamp(0.01, 0.99)
     n = student_logits.shape[0]
-    js = 0.5 * (m * (m.log() - p.log())).sum() / n + 0.5 * (m * (m.log() - q.log())).sum() / n
+    if form == "code":
+        m = (0.5 * (p + q)).clamp(0.01, 0.99)
+        p, q = p.clamp(0.01, 0.99), q.clamp(0.01, 0.99)
+        js = 0.5 * (m * (m.log() - p.log())).sum() / n + 0.5 * (m * (m.log() - q.log())).sum() / n
+    elif form == "paper":
+        m = 0.5 * (p + q)
+        js = 0.5 * (p * (p.log() - m.log())).sum() / n + 0.5 * (q * (q.log() - m.log())).sum() / n
+    else:
+        raise ValueError(f"competition_form must be one of {list(COMPETITION_FORMS)}, got '{form}'")
     return 1.0 - js.clamp(0.0, 1.0)
 
 
@@ -121,6 +132,10 @@ class DeepInversion(DataFreeMethod):
         self.flip = bool(cfg.get("flip", False))
         self.random_labels = bool(cfg.get("random_labels", False))
         self.competition_temperature = float(cfg.get("competition_temperature", 3.0))
+        self.competition_form = str(cfg.get("competition_form", "code"))
+        if self.competition_form not in COMPETITION_FORMS:
+            raise ValueError(f"{self.method_name}: competition_form must be one of {list(COMPETITION_FORMS)}, "
+                             f"got '{self.competition_form}'")
         self.pool_batches = int(cfg.get("pool_batches", 1000))
         self.initial_batches = int(cfg.get("initial_batches", 1000))
         self.synthesis_every = int(cfg.get("synthesis_every", 50))
@@ -154,7 +169,8 @@ class DeepInversion(DataFreeMethod):
         out = {"ce": F.cross_entropy(z_t, targets), "bn": bn_statistics_loss(hooks.stats),
                "tv": total_variation_l2(x), "l2": l2_prior(x)}
         if student is not None:
-            out["competition"] = competition_loss(student(x), z_t, self.competition_temperature)
+            out["competition"] = competition_loss(student(x), z_t, self.competition_temperature,
+                                                  self.competition_form)
         return out
 
     def synthesize(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -14,7 +14,9 @@ Per pseudo batch (one kdbench batch) a latent batch z is drawn; then
      student total = kl + at * AT with at = beta = 250 (--AT_beta), the student's gradient norm clipped to 5.
 KL reduction: the code's F.kl_div default ('mean' over N * C elements, `kl_reduction: elementwise`) — the paper's
 D_KL is per sample (`kl_reduction: batchmean`); with Adam the choice mainly rescales the KL against beta * AT.
-The paper writes the attention term as a (non-squared) L2 distance; the code's squared mean is used.
+Attention: the code's squared mean (`at_form: code`, as above) is the default; the paper's eq. 2 writes
+  sum_l || a_t / ||a_t||_2 - a_s / ||a_s||_2 ||_2 per sample (a non-squared distance), averaged over the batch here
+(`at_form: paper`; the larger map is pooled to the smaller, as in the code form).
 The generator (ZSKT's): Linear -> BN -> up -> conv-BN-LReLU -> up -> conv-BN-LReLU -> conv -> affine BN, no tanh.
 
 Defaults: the paper's CIFAR-10 scripts (scripts/ZeroShot/main*.sh; the paper has no CIFAR-100 run): batch 128, latent
@@ -29,16 +31,34 @@ import torch
 
 from kdbench.distill import register_method
 from kdbench.methods.at import at_loss
+from kdbench.methods.common import attention_map, match_spatial
 from kdbench.methods.datafree import ConvGenerator, DataFreeMethod, generated_batch, kl_divergence
 
 KL_REDUCTIONS = ("elementwise", "batchmean")
+AT_FORMS = ("code", "paper")
+
+
+def attention_distance(student_maps, teacher_maps, form: str = "code") -> torch.Tensor:
+    """code: kdbench.methods.at.at_loss (sum over stages of mean over N*H*W of the squared difference of the
+    normalised attention maps); paper: sum over stages of the batch mean of the per-sample L2 distance between them.
+    The teacher side is detached."""
+    teacher_maps = [t.detach() for t in teacher_maps]
+    if form == "code":
+        return at_loss(student_maps, teacher_maps)
+    if form == "paper":
+        total = 0.0
+        for f_s, f_t in zip(student_maps, teacher_maps, strict=True):
+            f_s, f_t = match_spatial(f_s, f_t)
+            total = total + torch.linalg.vector_norm(attention_map(f_s) - attention_map(f_t), dim=1).mean()
+        return total
+    raise ValueError(f"at_form must be one of {list(AT_FORMS)}, got '{form}'")
 
 
 def zskt_student_loss_terms(student_logits, teacher_logits, student_maps, teacher_maps, temperature: float = 1.0,
-                            reduction: str = "elementwise") -> dict[str, torch.Tensor]:
-    """The student's unweighted terms: kl (teacher detached) and at (the attention-transfer sum)."""
+                            reduction: str = "elementwise", at_form: str = "code") -> dict[str, torch.Tensor]:
+    """The student's unweighted terms: kl (teacher detached) and at (attention_distance; 0 without maps)."""
     return {"kl": kl_divergence(student_logits, teacher_logits.detach(), temperature, reduction),
-            "at": at_loss(student_maps, [t.detach() for t in teacher_maps]) if student_maps else
+            "at": attention_distance(student_maps, teacher_maps, at_form) if student_maps else
             student_logits.new_zeros(())}
 
 
@@ -59,6 +79,9 @@ class ZSKT(DataFreeMethod):
         self.kl_reduction = str(cfg.get("kl_reduction", "elementwise"))
         if self.kl_reduction not in KL_REDUCTIONS:
             raise ValueError(f"zskt: kl_reduction must be one of {list(KL_REDUCTIONS)}, got '{self.kl_reduction}'")
+        self.at_form = str(cfg.get("at_form", "code"))
+        if self.at_form not in AT_FORMS:
+            raise ValueError(f"zskt: at_form must be one of {list(AT_FORMS)}, got '{self.at_form}'")
         self.student_steps = int(cfg.get("student_steps", 10))
         self.generator_steps = int(cfg.get("generator_steps", 1))
         self.clip_grad_norm = float(cfg.get("clip_grad_norm", 5.0) or 0.0)
@@ -85,7 +108,8 @@ class ZSKT(DataFreeMethod):
 
     def terms(self, batch, student, teacher):
         out = zskt_student_loss_terms(student["logits"], teacher["logits"], [student[k] for k in self.student_taps],
-                                      [teacher[k] for k in self.teacher_taps], self.temperature, self.kl_reduction)
+                                      [teacher[k] for k in self.teacher_taps], self.temperature, self.kl_reduction,
+                                      self.at_form)
         out["adversarial"] = zskt_generator_loss(student["logits"], teacher["logits"], self.temperature,
                                                  self.kl_reduction)
         return out
@@ -137,7 +161,7 @@ class ZSKT(DataFreeMethod):
                 terms = zskt_student_loss_terms(s_out["logits"], t_out["logits"],
                                                 [s_out[k] for k in self.student_taps],
                                                 [t_out[k] for k in self.teacher_taps], self.temperature,
-                                                self.kl_reduction)
+                                                self.kl_reduction, self.at_form)
             step.update(self, self.weighted(terms, self.STUDENT_TERMS, epoch), terms)
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + v.detach()

@@ -73,6 +73,19 @@ def test_competition_is_one_minus_the_clamped_js_of_the_scripts_form():
     close(competition_loss(z_t, z_t, temp), 1.0)  # identical predictions: JS 0
 
 
+def test_the_papers_competition_form_is_one_minus_the_textbook_js_without_clamps():
+    z_s, z_t = rand64(3, 4, seed=13) * 3, rand64(3, 4, seed=14) * 3
+    js = 0.0
+    for i in range(3):
+        p = np.exp(z_s[i].numpy() / 3) / np.exp(z_s[i].numpy() / 3).sum()
+        q = np.exp(z_t[i].numpy() / 3) / np.exp(z_t[i].numpy() / 3).sum()
+        m = (p + q) / 2
+        js += (0.5 * (p * np.log(p / m)).sum() + 0.5 * (q * np.log(q / m)).sum()) / 3
+    close(competition_loss(z_s, z_t, 3.0, "paper"), 1.0 - js)
+    with pytest.raises(ValueError):
+        competition_loss(z_s, z_t, 3.0, "kl")
+
+
 def _method(name="deepinversion", **options):
     pair = make_pair("resnet14", "resnet8", 10, SMALL, epochs=3)
     base = {"batch_size": 4, "iterations": 3, "synthesis_batch_size": 5, "synthesis_iterations": 3,

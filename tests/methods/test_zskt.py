@@ -31,6 +31,18 @@ def test_student_terms_are_the_elementwise_mean_kl_and_the_summed_attention_dist
     close(terms["at"], at)
 
 
+def test_the_papers_attention_form_is_the_batch_mean_of_per_sample_l2_distances_summed_over_stages():
+    from kdbench.methods.zskt import attention_distance
+
+    maps_s = [rand64(3, 2, 4, 4, seed=11), rand64(3, 5, 2, 2, seed=12)]
+    maps_t = [rand64(3, 6, 4, 4, seed=13), rand64(3, 3, 2, 2, seed=14)]
+    expected = sum(np.sqrt(((np_attention(s.numpy()) - np_attention(t.numpy())) ** 2).sum(1)).mean()
+                   for s, t in zip(maps_s, maps_t))
+    close(attention_distance(maps_s, maps_t, "paper"), expected)
+    with pytest.raises(ValueError):
+        attention_distance(maps_s, maps_t, "l1")
+
+
 def test_generator_loss_is_minus_the_kl_through_both_networks_and_the_student_terms_detach_the_teacher():
     z_s, z_t = rand64(3, 4, seed=7).requires_grad_(), rand64(3, 4, seed=8).requires_grad_()
     kl = sum(np_kl(np_softmax(z_t[i].detach().numpy() / 2), np_softmax(z_s[i].detach().numpy() / 2))
