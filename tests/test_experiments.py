@@ -62,6 +62,8 @@ TABLES = {
                           "netgraft_cifar100_5shot", "netgraft_cifar100_1shot"],
     "Liu2019_IRG": ["irg_cifar10_kdzoo", "irg_cifar100_kdzoo"],
     "Zhang2020_PAD": [],  # ImageNet cells only (torchdistill's reproduction; the paper's CIFAR-100 tables not transcribed)
+    "Chen2019_DAFL": ["dafl_mnist", "dafl_cifar10", "dafl_cifar100"],
+    "Fang2019_DFAD": ["dfad_mnist", "dfad_cifar10", "dfad_cifar100"],
 }
 # Data sets whose rows a paper CSV may carry before kdbench can run them (no conf/dataset/<name>.yaml yet): their cells
 # are not required to have a job until the data set exists (ImageNet is another issue).

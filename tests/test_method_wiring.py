@@ -513,6 +513,88 @@ REFERENCE: dict[str, dict] = {
                    attrs={"lookahead": 2, "meta_lr": 1e-4, "meta_wd": 1e-4, "order": "student_first",
                           "student_taps": ("stage1", "stage2", "stage3"), "teacher_taps": ("stage1", "stage2", "stage3"),
                           "lwnet.0.fc.out_features": 1}),
+    # ---- data-free methods (not in methods.md): the reference scripts' values, cited in each yaml and module docstring
+    # DAFL (DAFL-train.py; README CIFAR-100 command: --batch_size 1024 --lr_G 0.02 --latent_dim 1000 --oh 0.5 --ie 20
+    # --a 0.1; 120 iterations; BatchNorm2d(c, 0.8) = eps 0.8; log10; KL at T 1)
+    "dafl": dict(config={"name": "dafl", "batch_size": 1024, "iterations": 120, "latent_dim": 1000, "generator_lr": 0.02,
+                         "generator_schedule": "constant", "generator_milestones": [], "generator_gamma": 0.1,
+                         "generator_width": 64, "generator_bn_eps": 0.8, "feature_tap": "embedding",
+                         "activation_reduction": "mean", "entropy_log_base": 10.0, "temperature": 1.0},
+                 weights={"one_hot": 0.5, "info_entropy": 20.0, "activation": 0.1, "kd": 1.0},
+                 attrs={"batch_size": 1024, "iterations": 120, "generator.latent_dim": 1000, "generator_lr_base": 0.02,
+                        "generator.bn1.eps": 0.8, "generator.bn2.eps": 0.8, "generator.tanh": True,
+                        "generator.bn3.affine": False, "teacher_taps": ("embedding",), "kd_temperature": 1.0,
+                        "entropy_log_base": 10.0, "activation_reduction": "mean", "teacher_cache": False}),
+    # DAFL on MNIST (DAFL-train.py argparse defaults: batch 512, latent 100, lr_G 0.2, oh 1, ie 5, a 0.1; LeNet feature)
+    "dafl_mnist": dict(config={"name": "dafl", "label": "dafl", "batch_size": 512, "iterations": 120, "latent_dim": 100,
+                               "generator_lr": 0.2, "generator_schedule": "constant", "generator_milestones": [],
+                               "generator_gamma": 0.1, "generator_width": 64, "generator_bn_eps": 0.8,
+                               "feature_tap": "stage3", "activation_reduction": "mean", "entropy_log_base": 10.0,
+                               "temperature": 1.0},
+                       weights={"one_hot": 1.0, "info_entropy": 5.0, "activation": 0.1, "kd": 1.0},
+                       attrs={"batch_size": 512, "generator.latent_dim": 100, "generator_lr_base": 0.2,
+                              "teacher_taps": ("stage3",)}),
+    # DAFL on CIFAR-10 (README command: --oh 0.05 --ie 5 --a 0.01, the rest as the CIFAR-100 command)
+    "dafl_cifar10": dict(config={"name": "dafl", "label": "dafl", "batch_size": 1024, "iterations": 120,
+                                 "latent_dim": 1000, "generator_lr": 0.02, "generator_schedule": "constant",
+                                 "generator_milestones": [], "generator_gamma": 0.1, "generator_width": 64,
+                                 "generator_bn_eps": 0.8, "feature_tap": "embedding", "activation_reduction": "mean",
+                                 "entropy_log_base": 10.0, "temperature": 1.0},
+                         weights={"one_hot": 0.05, "info_entropy": 5.0, "activation": 0.01, "kd": 1.0},
+                         attrs={"batch_size": 1024, "generator.latent_dim": 1000, "teacher_taps": ("embedding",)}),
+    # DFAD (DFAD_cifar.py, README CIFAR-100 command with --scheduler: batch 256, 50 its, nz 256, lr_G 1e-3, 5 S steps
+    # per G step, MultiStepLR([100, 200]) stepped before each epoch = milestones [99, 199] in the epoch > m rule)
+    "dfad": dict(config={"name": "dfad", "batch_size": 256, "iterations": 50, "student_steps": 5, "latent_dim": 256,
+                         "generator_lr": 0.001, "generator_schedule": "step", "generator_milestones": [99, 199],
+                         "generator_gamma": 0.1, "generator_width": 64, "generator_bn_eps": 1e-5,
+                         "generator_loss": "negative_l1"},
+                 weights={"l1": 1.0, "adversarial": 1.0},
+                 attrs={"batch_size": 256, "iterations": 50, "student_steps": 5, "generator.latent_dim": 256,
+                        "generator_milestones": (99, 199), "generator.bn1.eps": 1e-5, "generator.tanh": True,
+                        "generator.bn3.affine": False, "generator_loss": "negative_l1", "teacher_cache": False}),
+    # DFAD on MNIST (DFAD_mnist.py defaults, no --scheduler: batch 512, nz 100, lr_G 1e-3 constant)
+    "dfad_mnist": dict(config={"name": "dfad", "label": "dfad", "batch_size": 512, "iterations": 50, "student_steps": 5,
+                               "latent_dim": 100, "generator_lr": 0.001, "generator_schedule": "constant",
+                               "generator_milestones": [], "generator_gamma": 0.1, "generator_width": 64,
+                               "generator_bn_eps": 1e-5, "generator_loss": "negative_l1"},
+                       weights={"l1": 1.0, "adversarial": 1.0},
+                       attrs={"batch_size": 512, "generator.latent_dim": 100, "generator_schedule": "constant"}),
+    # ZSKT (scripts/ZeroShot/main*.sh, CIFAR-10: batch 128, z 100, n_G 1, n_S 10, lr_G 1e-3 cosine, T 1, beta 250,
+    # clip 5; solver.py's F.kl_div default reduction = elementwise mean)
+    "zskt": dict(config={"name": "zskt", "batch_size": 128, "iterations": 400, "student_steps": 10, "generator_steps": 1,
+                         "latent_dim": 100, "generator_lr": 0.001, "generator_schedule": "cosine",
+                         "generator_milestones": [], "generator_gamma": 0.1, "generator_width": 64,
+                         "generator_bn_eps": 1e-5, "temperature": 1.0, "kl_reduction": "elementwise",
+                         "at_form": "code", "clip_grad_norm": 5.0},
+                 weights={"kl": 1.0, "at": 250.0, "adversarial": 1.0},
+                 attrs={"student_steps": 10, "generator_steps": 1, "temperature": 1.0, "kl_reduction": "elementwise",
+                        "clip_grad_norm": 5.0, "generator.tanh": False, "generator.bn3.affine": True,
+                        "student_taps": ("stage1", "stage2", "stage3"), "teacher_taps": ("stage1", "stage2", "stage3"),
+                        "teacher_cache": False}),
+    # DeepInversion (cifar10/README.md paper parameters: bs 256, r_feature 10, di_lr 0.05, TV 2.5e-5, l2 0, 2000 its;
+    # issue #6: 1000 batches of 256; issue #9: KD T 3)
+    "deepinversion": dict(config={"name": "deepinversion", "batch_size": 256, "iterations": 1000, "temperature": 3.0,
+                                  "synthesis_batch_size": 256, "synthesis_iterations": 2000, "synthesis_lr": 0.05,
+                                  "jitter": 2, "flip": False, "random_labels": False, "competition_temperature": 3.0,
+                                  "competition_form": "code", "pool_batches": 1000, "initial_batches": 1000,
+                                  "synthesis_every": 50,
+                                  "synthesis": {"ce": 1.0, "bn": 10.0, "tv": 2.5e-5, "l2": 0.0, "competition": 0.0}},
+                          weights={"kd": 1.0},
+                          attrs={"kd_temperature": 3.0, "synthesis_iterations": 2000, "synthesis_lr": 0.05,
+                                 "jitter": 2, "pool_batches": 1000, "initial_batches": 1000, "synthesis_every": 50,
+                                 "synthesis_weights": {"ce": 1.0, "bn": 10.0, "tv": 2.5e-5, "l2": 0.0,
+                                                       "competition": 0.0}, "teacher_cache": False}),
+    # ADI: DeepInversion + competition 0.2 (the README's --adi_scale for the paper), the pool grown during distillation
+    "adi": dict(config={"name": "deepinversion", "label": "adi", "batch_size": 256, "iterations": 1000,
+                        "temperature": 3.0, "synthesis_batch_size": 256, "synthesis_iterations": 2000,
+                        "synthesis_lr": 0.05, "jitter": 2, "flip": False, "random_labels": False,
+                        "competition_temperature": 3.0, "competition_form": "code", "pool_batches": 1000,
+                        "initial_batches": 1,
+                        "synthesis_every": 50,
+                        "synthesis": {"ce": 1.0, "bn": 10.0, "tv": 2.5e-5, "l2": 0.0, "competition": 0.2}},
+                weights={"kd": 1.0},
+                attrs={"initial_batches": 1, "synthesis_every": 50,
+                       "synthesis_weights": {"ce": 1.0, "bn": 10.0, "tv": 2.5e-5, "l2": 0.0, "competition": 0.2}}),
 }
 
 # §1.4: the DKD / ReviewKD warm-up min(epoch / 20, 1) and the terms it scales (CE is never warmed up)
@@ -1158,6 +1240,31 @@ def exp_l2t_ww(m, pair, b, s, t, ref):
     for k, (ts, ss) in enumerate(m.pairs):
         total = total + l2t_pair_loss(t[ts], m.regressors[k](s[ss]), m.wnet[k](t[ts]), m.lwnet[k](t[ts]))
     return {"ce": _ce(s, b), "l2t_match": total}
+def exp_dafl(m, pair, b, s, t, ref):
+    from kdbench.methods.dafl import activation_loss, information_entropy_loss, one_hot_loss
+    cfg = ref["config"]
+    return {"one_hot": one_hot_loss(t["logits"]),
+            "activation": activation_loss(t[cfg["feature_tap"]], cfg["activation_reduction"]),
+            "info_entropy": information_entropy_loss(t["logits"], cfg["entropy_log_base"]),
+            "kd": _kd(s, t, cfg["temperature"])}
+
+
+def exp_dfad(m, pair, b, s, t, ref):
+    from kdbench.methods.dfad import dfad_generator_loss, dfad_student_loss
+    return {"l1": dfad_student_loss(s["logits"], t["logits"]),
+            "adversarial": dfad_generator_loss(s["logits"], t["logits"], ref["config"]["generator_loss"])}
+
+
+def exp_zskt(m, pair, b, s, t, ref):
+    from kdbench.methods.at import at_loss
+    from kdbench.methods.datafree import kl_divergence
+    cfg = ref["config"]
+    kl = kl_divergence(s["logits"], t["logits"], cfg["temperature"], cfg["kl_reduction"])
+    return {"kl": kl, "at": at_loss(_stages(s), _stages(t)), "adversarial": -kl}
+
+
+def exp_deepinversion(m, pair, b, s, t, ref):
+    return {"kd": _kd(s, t, ref["config"]["temperature"])}
 
 
 EXPECTED_TERMS = {
@@ -1177,6 +1284,8 @@ EXPECTED_TERMS = {
     "multi_exit_ce": exp_multi_exit, "label_refinery": exp_label_refinery,
     "pad": exp_pad, "irg": exp_irg, "mgd": exp_mgd, "tofd": exp_tofd, "mhgd": exp_mhgd, "rco": exp_rco,
     "fskd": exp_fskd, "netgraft": exp_netgraft, "l2t_ww": exp_l2t_ww,
+    "dafl": exp_dafl, "dafl_mnist": exp_dafl, "dafl_cifar10": exp_dafl, "dfad": exp_dfad, "dfad_mnist": exp_dfad, "zskt": exp_zskt,
+    "deepinversion": exp_deepinversion, "adi": exp_deepinversion,
 }
 
 

@@ -32,6 +32,8 @@ PARAMS_100 = {
     "vgg8": 3_965_028, "vgg11": 9_277_284, "vgg13": 9_462_180, "vgg16": 14_774_436, "vgg19": 20_086_692,
     "ResNet50": 23_705_252, "ResNet18": 11_220_132, "MobileNetV2": 812_836, "ShuffleV1": 949_258,
     "ShuffleV2": 1_355_528,
+    # not in §3.2: the data-free papers' CIFAR ResNet-34 (kuangliu's 21,282,122 at 10 classes, + 90 * 513 here)
+    "ResNet34": 21_328_292,
     "tv_resnet18": 11_689_512 - 512 * 900 - 900, "tv_resnet34": 21_797_672 - 512 * 900 - 900,
     "tv_resnet50": 25_557_032 - 2048 * 900 - 900, "tv_mobilenet_v2": 3_504_872 - 1280 * 900 - 900,
 }
@@ -50,11 +52,12 @@ FEATS = {
     **{f"vgg{d}": _VGG for d in (8, 11, 13, 16, 19)},
     "ResNet50": [(64, 32, 32), (256, 32, 32), (512, 16, 16), (1024, 8, 8), (2048, 4, 4), (2048,)],
     "ResNet18": [(64, 32, 32), (64, 32, 32), (128, 16, 16), (256, 8, 8), (512, 4, 4), (512,)],
+    "ResNet34": [(64, 32, 32), (64, 32, 32), (128, 16, 16), (256, 8, 8), (512, 4, 4), (512,)],
     "MobileNetV2": [(16, 16, 16), (12, 16, 16), (16, 8, 8), (48, 4, 4), (160, 2, 2), (1280,)],
     "ShuffleV1": [(24, 32, 32), (240, 16, 16), (480, 8, 8), (960, 4, 4), (960,)],
     "ShuffleV2": [(24, 32, 32), (116, 16, 16), (232, 8, 8), (464, 4, 4), (1024,)],
 }
-FOUR_STAGES = {"ResNet50", "ResNet18", "MobileNetV2", "vgg8", "vgg11", "vgg13", "vgg16", "vgg19"}
+FOUR_STAGES = {"ResNet50", "ResNet18", "ResNet34", "MobileNetV2", "vgg8", "vgg11", "vgg13", "vgg16", "vgg19"}
 NO_PRE = {"MobileNetV2"}  # §3.3: no preact defined
 BN_NOT_IMPLEMENTED = {"ShuffleV1", "ShuffleV2", "lenet5", "lenet5_half", "mlp", "mlp_32", "mlp_1200x2", "mlp_800x2"}
 BIG = {name for name, n in PARAMS_100.items() if n > 5_000_000}

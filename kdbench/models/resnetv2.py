@@ -1,9 +1,10 @@
-"""CIFAR variants of the ImageNet ResNets (RepDistiller/mdistiller `resnetv2.py`): ResNet50 and ResNet18.
+"""CIFAR variants of the ImageNet ResNets (RepDistiller/mdistiller `resnetv2.py`): ResNet50, ResNet18 and ResNet34.
 
 Stem conv3x3 (stride 1) + BN + ReLU and no max-pool, so the four stages run at 32/16/8/4 px on CIFAR; planes
 64/128/256/512 (x4 for Bottleneck), strides 1/2/2/2, adaptive average pool, Linear. Module names match the
 reference (conv1, bn1, layerN.i.{conv,bn}K, layerN.i.shortcut.{0,1}, linear), so the benchmarks' checkpoints load
-as they are. ResNet18 exists only in mdistiller.
+as they are. ResNet18 exists only in mdistiller; ResNet34 (BasicBlock [3, 4, 6, 3]) is the data-free papers' CIFAR
+teacher (DAFL's `resnet.ResNet34`, DFAD's `ResNet34_8x`, DeepInversion's cifar10 `ResNet34`: the same network).
 
 Taps: stem (after ReLU), stage1..4 (after the last block's ReLU), stage1_pre..stage4_pre (the last block's residual
 sum before that ReLU), embedding (pooled), logits.
@@ -130,3 +131,9 @@ def resnet50_cifar(num_classes, input_shape, zero_init_residual=False):
 def resnet18_cifar(num_classes, input_shape, zero_init_residual=False):
     """CIFAR ResNet-18: BasicBlock stages [2, 2, 2, 2] (mdistiller `ResNet18`)."""
     return ResNetV2(BasicBlock, (2, 2, 2, 2), num_classes, input_shape, zero_init_residual)
+
+
+@register_model("ResNet34")
+def resnet34_cifar(num_classes, input_shape, zero_init_residual=False):
+    """CIFAR ResNet-34: BasicBlock stages [3, 4, 6, 3] (the DAFL/DFAD/DeepInversion CIFAR teacher)."""
+    return ResNetV2(BasicBlock, (3, 4, 6, 3), num_classes, input_shape, zero_init_residual)
