@@ -126,6 +126,8 @@ def ae_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tempe
 
 @register_method("ae_kd")
 class AEKD(EnsembleMethod):
+    paper = "Du et al., Agree to Disagree: Adaptive Ensemble Knowledge Distillation in Gradient Space, NeurIPS 2020"
+    code = "AnTuo1998/AE-KD"
     def __init__(self, cfg, pair):
         super().__init__(cfg, pair)
         self.temperature = float(cfg.get("temperature", 4.0))

@@ -159,6 +159,8 @@ class ByotExit(nn.Module):
 
 @register_method("byot")
 class BYOT(Method):
+    paper = "Zhang et al., Be Your Own Teacher: Improve the Performance of CNNs via Self Distillation, ICCV 2019"
+    code = "open-mmlab/mmrazor configs/distill/mmcls/byot (no official code)"
     needs_teacher = False
 
     def __init__(self, cfg, pair):

@@ -86,6 +86,8 @@ def split_pairs(batch: Batch) -> tuple[Batch, Batch]:
 @register_method("cs_kd")
 class CSKD(Method):
     """Terms: the base class's `ce` on the anchors and `cls`, the class-wise KL to the partners' predictions."""
+    paper = "Yun et al., Regularizing Class-wise Predictions via Self-knowledge Distillation, CVPR 2020"
+    code = "alinlab/cs-kd"
 
     needs_teacher = False
 

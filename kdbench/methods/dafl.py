@@ -73,6 +73,8 @@ def dafl_generator_losses(teacher_logits: torch.Tensor, teacher_features: torch.
 
 @register_method("dafl")
 class DAFL(DataFreeMethod):
+    paper = "Chen et al., Data-Free Learning of Student Networks, ICCV 2019"
+    code = "huawei-noah/Efficient-Computing Data-Efficient-Model-Compression/DAFL"
     GENERATOR_TERMS = ("one_hot", "activation", "info_entropy")
     STUDENT_TERMS = ("kd",)
     student_taps = ()

@@ -117,6 +117,8 @@ def has_batchnorm(model: nn.Module) -> bool:
 
 @register_method("deepinversion")
 class DeepInversion(DataFreeMethod):
+    paper = "Yin et al., Dreaming to Distill: Data-free Knowledge Transfer via DeepInversion, CVPR 2020"
+    code = "NVlabs/DeepInversion"
     STUDENT_TERMS = ("kd",)
     teacher_taps = ()
 

@@ -50,6 +50,8 @@ def dfad_generator_loss(student_logits: torch.Tensor, teacher_logits: torch.Tens
 
 @register_method("dfad")
 class DFAD(DataFreeMethod):
+    paper = "Fang et al., Data-Free Adversarial Distillation, arXiv 2019"
+    code = "VainF/Data-Free-Adversarial-Distillation"
     GENERATOR_TERMS = ("adversarial",)
     STUDENT_TERMS = ("l1",)
     teacher_taps = ()

@@ -103,6 +103,8 @@ def ffl_loss(sub_logits: Sequence[torch.Tensor], fused_logits: torch.Tensor, tar
 
 @register_method("ffl")
 class FFL(Method):
+    paper = "Kim et al., Feature Fusion for Online Mutual Knowledge Distillation, ICPR 2020"
+    code = "Jangho-Kim/FFL-pytorch"
     needs_teacher = False
 
     def __init__(self, cfg, pair):

@@ -95,6 +95,8 @@ class _Scratch(dict):
 
 @register_method("fskd")
 class FSKD(Method):
+    paper = "Li et al., Few Sample Knowledge Distillation for Efficient Network Compression, CVPR 2020"
+    code = "no official code (the paper's block-level alignment)"
     def __init__(self, cfg, pair):
         super().__init__(cfg, pair)
         if pair.teacher is None:

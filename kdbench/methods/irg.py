@@ -78,6 +78,8 @@ def irg_transformation_loss(s1, s2, t1, t2) -> torch.Tensor:
 
 @register_method("irg")
 class IRG(Method):
+    paper = "Liu et al., Knowledge Distillation via Instance Relationship Graph, CVPR 2019"
+    code = "AberHu/Knowledge-Distillation-Zoo (re-implementation; the official code is Caffe)"
     def __init__(self, cfg, pair):
         super().__init__(cfg, pair)
         if pair.teacher is None:

@@ -55,6 +55,8 @@ def kd_avg_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temp
 
 @register_method("kd_avg")
 class KDAverage(EnsembleMethod):
+    paper = "You et al., Learning from Multiple Teacher Networks, KDD 2017 (the averaged-teacher baseline)"
+    code = "AnTuo1998/AE-KD (AVER baseline)"
     def __init__(self, cfg, pair):
         super().__init__(cfg, pair)
         self.temperature = float(cfg.get("temperature", 4.0))

@@ -116,6 +116,8 @@ def parse_edges(edges, num_nodes: int) -> list[dict]:
 
 @register_method("ktg")
 class KTG(Method):
+    paper = "Minami et al., Knowledge Transfer Graph for Deep Collaborative Learning, ACCV 2020"
+    code = "somaminami/DCL"
     needs_teacher = False
 
     def __init__(self, cfg, pair):

@@ -85,6 +85,8 @@ class _Target(nn.Module):
 
 @register_method("l2t_ww")
 class L2TWW(Method):
+    paper = "Jang et al., Learning What and Where to Transfer, ICML 2019"
+    code = "alinlab/L2T-ww"
     def __init__(self, cfg, pair):
         super().__init__(cfg, pair)
         if pair.teacher is None:

@@ -37,6 +37,8 @@ def refinery_loss(student_logits: torch.Tensor, refinery_logits: torch.Tensor) -
 
 @register_method("label_refinery")
 class LabelRefinery(Method):
+    paper = "Bagherinezhad et al., Label Refinery: Improving ImageNet Classification through Label Progression, arXiv 2018"
+    code = "hessamb/label-refinery"
     teacher_taps = ("logits",)
     teacher_train_mode = True  # ModelRefineryWrapper: the refinery follows the wrapper into train mode
 

@@ -115,6 +115,8 @@ class MealDiscriminator(nn.Module):
 
 @register_method("meal")
 class MEAL(Method):
+    paper = "Shen et al., MEAL: Multi-Model Ensemble via Adversarial Learning, AAAI 2019"
+    code = "AaronHeee/MEAL"
     multi_teacher = True
     teacher_train_mode = True  # main.py --teacher_eval 0
 

@@ -91,6 +91,8 @@ def mgd_loss(s_maps, t_maps, margins, flows) -> torch.Tensor:
 
 @register_method("mgd")
 class MGD(Method):
+    paper = "Yue et al., Matching Guided Distillation, ECCV 2020"
+    code = "kaiyuyue/mgd"
     def __init__(self, cfg, pair):
         super().__init__(cfg, pair)
         if pair.teacher is None:

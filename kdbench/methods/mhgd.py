@@ -142,6 +142,8 @@ def ce_ramp(epoch: int) -> float:
 
 @register_method("mhgd")
 class MHGD(Method):
+    paper = "Lee & Song, Graph-based Knowledge Distillation by Multi-head Attention Network, BMVC 2019"
+    code = "sseung0703/KD_methods_with_TF"
     def __init__(self, cfg, pair):
         super().__init__(cfg, pair)
         if pair.teacher is None:

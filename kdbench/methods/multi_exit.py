@@ -101,6 +101,8 @@ class MultiExitHead(nn.Module):
 
 @register_method("multi_exit")
 class MultiExit(Method):
+    paper = "Phuong & Lampert, Distillation-Based Training for Multi-Exit Architectures, ICCV 2019"
+    code = "mary-phuong/multiexit-distillation"
     needs_teacher = False
 
     def __init__(self, cfg, pair):

@@ -81,6 +81,8 @@ def _adapter(c_in: int, c_out: int) -> nn.Conv2d:
 
 @register_method("netgraft")
 class NetGraft(Method):
+    paper = "Shen et al., Progressive Network Grafting for Few-Shot Knowledge Distillation, AAAI 2021"
+    code = "zju-vipa/NetGraft"
     teacher_taps = ("logits",)
 
     def __init__(self, cfg, pair):

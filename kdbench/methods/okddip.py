@@ -77,6 +77,8 @@ def okddip_loss(peer_logits: Sequence[torch.Tensor], attention: torch.Tensor, le
 
 @register_method("okddip")
 class OKDDip(Method):
+    paper = "Chen et al., Online Knowledge Distillation with Diverse Peers, AAAI 2020"
+    code = "DefangChen/OKDDip"
     needs_teacher = False
 
     def __init__(self, cfg, pair):

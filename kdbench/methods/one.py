@@ -73,6 +73,8 @@ def one_loss(branch_logits: Sequence[torch.Tensor], gate: torch.Tensor, targets:
 
 @register_method("one")
 class ONE(Method):
+    paper = "Lan, Zhu & Gong, Knowledge Distillation by On-the-Fly Native Ensemble, NeurIPS 2018"
+    code = "Lan1991Xu/ONE_NeurIPS2018"
     needs_teacher = False
 
     def __init__(self, cfg, pair):

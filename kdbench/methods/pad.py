@@ -37,6 +37,8 @@ def pad_l2_loss(s: torch.Tensor, t: torch.Tensor, log_var: torch.Tensor, eps: fl
 
 @register_method("pad")
 class PAD(Method):
+    paper = "Zhang et al., Prime-Aware Adaptive Distillation, ECCV 2020"
+    code = "yoshitomo-matsubara/torchdistill PADL2Loss"
     student_taps = ("embedding",)
     teacher_taps = ("embedding",)
 

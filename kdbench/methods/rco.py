@@ -46,6 +46,8 @@ class _Holder:
 
 @register_method("rco")
 class RCO(Method):
+    paper = "Jin et al., Knowledge Distillation via Route Constrained Optimization, ICCV 2019"
+    code = "no official code (the paper's equal-epoch-interval strategy)"
     teacher_taps = ("logits",)
 
     def __init__(self, cfg, pair):

@@ -88,6 +88,8 @@ def share_convs(light: nn.Module, booster: nn.Module) -> list[str]:
 
 @register_method("rocket")
 class Rocket(Method):
+    paper = "Zhou et al., Rocket Launching: A Universal and Efficient Framework for Training Well-performing Light Net, AAAI 2018"
+    code = "zhougr1993/Rocket-Launching"
     needs_teacher = False
 
     def __init__(self, cfg, pair):

@@ -78,6 +78,8 @@ def sla_sd_loss(single_logits: torch.Tensor, joint: torch.Tensor, temperature: f
 
 @register_method("sla_sd")
 class SLASD(Method):
+    paper = "Lee, Hwang & Shin, Self-supervised Label Augmentation via Input Transformations, ICML 2020"
+    code = "hankook/SLA"
     student_taps = ("embedding",)
     needs_teacher = False
 

@@ -98,6 +98,8 @@ def _aux_heads(stage_taps, last_tap, shapes, num_classes):
 
 @register_method("tofd")
 class TOFD(Method):
+    paper = "Zhang et al., Task-Oriented Feature Distillation, NeurIPS 2020"
+    code = "ArchipLab-LinfengZhang/Task-Oriented-Feature-Distillation"
     def __init__(self, cfg, pair):
         super().__init__(cfg, pair)
         if pair.teacher is None:

@@ -70,6 +70,8 @@ def zskt_generator_loss(student_logits, teacher_logits, temperature: float = 1.0
 
 @register_method("zskt")
 class ZSKT(DataFreeMethod):
+    paper = "Micaelli & Storkey, Zero-shot Knowledge Transfer via Adversarial Belief Matching, NeurIPS 2019"
+    code = "polo5/ZeroShotKnowledgeTransfer"
     GENERATOR_TERMS = ("adversarial",)
     STUDENT_TERMS = ("kl", "at")
 
