@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Optional, Sequence
 
 import torch
@@ -27,7 +28,7 @@ import torch
 from kdbench.distill import Method, method_class
 from kdbench.io import config_hash
 from kdbench.job import (Job, ObtainedTeachers, Trainee, check_pair, finished_record, job_logger, obtain_teachers,
-                         prepare, start_record)
+                         prepare, start_record, teacher_view_cache)
 from kdbench.teachers import TeacherOutputs, cache_bytes, cache_is_exact
 from kdbench.train import autocast, fit_cohort
 
@@ -133,25 +134,30 @@ class TeacherView:
 
     def __call__(self, batch) -> dict[str, torch.Tensor]:
         out = self.shared.outputs(batch)
-        if out is None:  # another view of the batch (a method's own augmentation): a live forward of its own
-            return TeacherOutputs(self.model, self.taps, self.train_mode)(batch) if not self.cached \
-                else self.shared.base(batch)
+        if out is None:  # another batch than the cohort's (a method's own views): the base's caches or a forward
+            out = self.shared.base(batch)
         keep = {*self.taps, "logits"}
         return {name: value for name, value in out.items() if name in keep}
 
 
-def _shared_outputs(trainees: Sequence[Trainee], teachers: ObtainedTeachers, data, device, trainer) -> list:
-    """One SharedTeacherOutputs per teacher with the members' union of taps (cached per sample when that is exact
-    for every member and fits)."""
-    shared = []
+def _shared_outputs(trainees: Sequence[Trainee], teachers: ObtainedTeachers, data, device, job: Job) -> list:
+    """One SharedTeacherOutputs per teacher with the members' union of taps: cached per sample when that is exact
+    for every member and fits, or from the view cache when every member reads only logits."""
+    trainer, shared = job.trainer, []
+    taps = sorted({tap for t in trainees for tap in t.method.teacher_taps})
+    needs = SimpleNamespace(teacher_taps=tuple(taps), teacher_train_mode=False, method_name="the cohort",
+                            teacher_cache=all(t.method.teacher_cache for t in trainees))
     for k, teacher in enumerate(teachers.models):
-        taps = sorted({tap for t in trainees for tap in t.method.teacher_taps})
         base = TeacherOutputs(teacher, taps, False)
         shapes = trainees[0].pair.teachers_shapes[k]
         exact = cache_is_exact(data.train_loader.augmented, False)
         fits = cache_bytes(shapes, taps, len(data.train)) <= trainer.teacher_cache_gb * 2**30
-        if trainer.teacher_cache and all(t.method.teacher_cache for t in trainees) and exact and fits:
+        if trainer.teacher_cache and needs.teacher_cache and exact and fits:
             base.build_cache(data.train_loader, lambda: autocast(device, trainer.precision))
+        base.view_cache, info = teacher_view_cache(job, needs, data, device, teacher, teachers.sources[k])
+        if k == 0:
+            for t in trainees:
+                t.record.update(teacher_view_cache=info)
         shared.append(SharedTeacherOutputs(base))
     return shared
 
@@ -194,7 +200,7 @@ def run_cohort(items: Sequence[tuple[Job, Path]]) -> list:
                                       teachers)
             except Exception as err:  # noqa: BLE001
                 _fail(records[i], err, results, i)
-        shared = _shared_outputs(list(trainees.values()), teachers, data, device, first.trainer)
+        shared = _shared_outputs(list(trainees.values()), teachers, data, device, first)
         members = []
         for i, trainee in list(trainees.items()):
             try:

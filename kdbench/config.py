@@ -131,6 +131,15 @@ Device = Enum("Device", {name: name for name in ("auto", "cpu", "mps", "cuda", *
 Device.__doc__ = "trainer.device: auto | cpu | mps | cuda | cuda:N (N < 16), checked when the config is composed."
 
 
+class ViewCacheMode(str, Enum):
+    """trainer.teacher_view_cache (kdbench.viewcache): auto = use it when it is in the store, build it when the job's
+    epochs outnumber the views; build = build it for any job; off = never."""
+
+    auto = "auto"
+    build = "build"
+    off = "off"
+
+
 @dataclass
 class TrainerConfig:
     epochs: int = 240
@@ -148,6 +157,10 @@ class TrainerConfig:
     teacher_cache_gb: float = 4.0  # ... and when they fit in this much device memory
     sync_bn: bool = False  # distributed jobs on GPUs: the student's BatchNorm statistics over the global batch
     keep_every: int = 0  # > 0: keep the weights after every this many epochs (a stored teacher's anchors; RCO)
+    # the teacher's logits of every augmented view, once, in the store (kdbench.viewcache): auto | build | off
+    teacher_view_cache: ViewCacheMode = ViewCacheMode.auto
+    teacher_view_cache_gb: float = 8.0  # ... when the cache (samples x views x classes x 4 bytes) is at most this
+    channels_last: bool = False  # student and teacher in channels-last memory format (faster convolutions on CPUs)
 
     def __post_init__(self):
         import re
@@ -162,7 +175,11 @@ class TrainerConfig:
                           f"must be fp32, bf16 or fp16, got '{_value(self.precision)}'"),
                num_workers=(self.num_workers >= 0, f"must be >= 0, got {self.num_workers}"),
                teacher_cache_gb=(self.teacher_cache_gb >= 0, f"must be >= 0, got {self.teacher_cache_gb}"),
-               keep_every=(self.keep_every >= 0, f"must be >= 0 (0 = off), got {self.keep_every}"))
+               keep_every=(self.keep_every >= 0, f"must be >= 0 (0 = off), got {self.keep_every}"),
+               teacher_view_cache=(_value(self.teacher_view_cache) in ("auto", "build", "off"),
+                                   f"must be auto, build or off, got '{_value(self.teacher_view_cache)}'"),
+               teacher_view_cache_gb=(self.teacher_view_cache_gb >= 0,
+                                      f"must be >= 0, got {self.teacher_view_cache_gb}"))
 
 
 def _value(option) -> str:
@@ -192,7 +209,8 @@ class TeacherConfig(StudentConfig):
 NON_SEMANTIC = ("hydra", "paths", "logger", "dry_run", "dry_run_tflops", "dataset.root", "dataset.download",
                 "trainer.device", "trainer.progress", "trainer.resume", "trainer.num_workers",
                 "trainer.data_on_device", "trainer.eval_batch_size", "trainer.teacher_cache",
-                "trainer.teacher_cache_gb", "trainer.keep_every")
+                "trainer.teacher_cache_gb", "trainer.keep_every", "trainer.teacher_view_cache",
+                "trainer.teacher_view_cache_gb")
 
 
 def override_key(override: str) -> str:

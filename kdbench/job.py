@@ -39,7 +39,8 @@ from kdbench.loggers import create_logger
 from kdbench.models import TapModel, count_parameters, create_model, load_reference_checkpoint, probe_taps
 from kdbench.optim import build_step, constant_sgd_step, lr_at
 from kdbench.record import RECORD_FILE, RunRecord, read_record
-from kdbench.teachers import ANCHORS_DIR, TeacherOutputs, TeacherStore, cache_bytes, cache_is_exact
+from kdbench import viewcache
+from kdbench.teachers import ANCHORS_DIR, StoreEntry, TeacherOutputs, TeacherStore, cache_bytes, cache_is_exact
 from kdbench.train import (Member, Run, autocast, configure_determinism, evaluate, fit, resolve_device,
                            summary)
 
@@ -394,6 +395,8 @@ def obtain_teachers(job: Job, data: Data, device: torch.device,
     got = ObtainedTeachers([], [], [])
     for spec in job.teachers:
         teacher, source = obtain_teacher(spec, job.teacher_store, data, device, w)
+        if job.trainer.channels_last:
+            teacher = teacher.to(memory_format=torch.channels_last)
         got.models.append(teacher)
         got.sources.append(source)
         got.tops.append(evaluate(teacher, data.test_loader, job.trainer.precision).top1)
@@ -412,6 +415,43 @@ def sync_batchnorm(student: TapModel, enabled: bool, w: distributed.World, devic
     return torch.nn.SyncBatchNorm.convert_sync_batchnorm(student)
 
 
+def teacher_view_cache(job: Job, method, data: Data, device: torch.device, teacher: TapModel, source: dict,
+                       w: distributed.World = distributed.SINGLE) -> tuple[Optional[viewcache.ViewCache], dict]:
+    """The teacher's view cache for this job (found in the store, built now, or none) and what the record says
+    about it. `method` is what reads the outputs: a Method, or a cohort's union of its members' needs."""
+    tr = job.trainer
+    reason = viewcache.applies(method, data.train_loader)
+    if reason is not None:
+        return None, {"state": "not used", "why": reason}
+    spec = viewcache.spec_for(source["sha256"], job.dataset, tr.precision, len(data.train))
+    if source["kind"] == "store":
+        entry_dir = Path(source["path"]).parent
+    else:  # a checkpoint or pretrained teacher: keyed by its sha256 in a hidden folder of the store
+        entry_dir = job.teacher_store / viewcache.HIDDEN_DIR / f"{teacher_label(source)}-{source['sha256'][:16]}"
+    mode = str(getattr(tr.teacher_view_cache, "value", tr.teacher_view_cache))
+    found = viewcache.ViewCache.open(entry_dir, spec) if mode != "off" else None
+    action, why = viewcache.decide(mode, spec, tr.epochs, tr.teacher_view_cache_gb, found is not None)
+    if action == "build" and w.distributed:
+        action, why = "skip", "a distributed job uses a view cache built beforehand by one process (none found)"
+    say = print if w.main else (lambda *a, **k: None)
+    say(f"kdbench: teacher view cache: {why}", flush=True)
+    cache = found
+    if action == "build":
+        store = TeacherStore(job.teacher_store)
+        with store.lock(StoreEntry(entry_dir)):  # parallel jobs build it once
+            cache = viewcache.ViewCache.open(entry_dir, spec) or viewcache.build(
+                entry_dir, spec, teacher, data.train_loader, lambda: autocast(device, tr.precision), say)
+    state = {"use": "found", "build": "built", "skip": "skipped"}[action]
+    info = {"state": state, "why": why, "bytes": spec.nbytes, "views": spec.views}
+    if cache is not None:
+        info["path"] = str(cache.path)
+    return cache, info
+
+
+def teacher_label(source: dict) -> str:
+    return Path(str(source.get("path") or source.get("weights") or "teacher")).stem
+
+
 class Trainee:
     """One job's training: its student and method (built from the job's seed), teacher outputs, optimizer, record,
     checkpoint and history. Alone, kdbench.train.fit runs its member(); in a cohort (kdbench.cohort) several members
@@ -427,12 +467,15 @@ class Trainee:
         torch.manual_seed(job.seed)
         self.student = sync_batchnorm(job.student.build(data.num_classes, data.input_shape), tr.sync_bn, w,
                                       device).to(device)
+        if tr.channels_last:  # NHWC activations: oneDNN's and cuDNN's faster convolution layouts
+            self.student = self.student.to(memory_format=torch.channels_last)
         self.pair = _pair(job, self.student, teachers.models, data.input_shape, data.num_classes, data.train.labels, w)
         self.method = create_method(job.method, self.pair).to(device)
         if w.distributed:  # every rank starts from rank 0's weights (the seeds agree; this makes it certain)
             for tensor in chain(self.student.state_dict().values(), self.method.state_dict().values()):
                 torch.distributed.broadcast(tensor, src=0)
         self.teachers = teachers.models
+        self.sources = teachers.sources
         self.outputs: list[TeacherOutputs] = []
         self.state: Optional[dict] = None
         self.stages_done: list[str] = []
@@ -442,15 +485,20 @@ class Trainee:
         return f"{self.record.data['method']} {self.record.data['student']} s{self.job.seed}"
 
     def own_teacher_outputs(self) -> list[TeacherOutputs]:
-        """One live TeacherOutputs per teacher, with a per-sample cache when that is exact and fits."""
+        """One live TeacherOutputs per teacher, with a per-sample cache when that is exact and fits, or the view
+        cache from the store (kdbench.viewcache) when the method reads only logits of augmented views."""
         tr, method, loader = self.job.trainer, self.method, self.data.train_loader
         outputs = []
-        for teacher, shapes in zip(self.teachers, self.pair.teachers_shapes):
+        for k, (teacher, shapes) in enumerate(zip(self.teachers, self.pair.teachers_shapes)):
             out = TeacherOutputs(teacher, method.teacher_taps, method.teacher_train_mode)
             exact = cache_is_exact(loader.augmented, method.teacher_train_mode)
             fits = cache_bytes(shapes, method.teacher_taps, len(self.data.train)) <= tr.teacher_cache_gb * 2**30
             if tr.teacher_cache and method.teacher_cache and exact and fits:
                 out.build_cache(loader, lambda: autocast(self.device, tr.precision))
+            out.view_cache, info = teacher_view_cache(self.job, method, self.data, self.device, teacher,
+                                                      self.sources[k], self.w)
+            if k == 0:
+                self.record.update(teacher_view_cache=info)
             outputs.append(out)
         return outputs
 

@@ -69,8 +69,15 @@ def plan_job(job: Job) -> dict:
     plan = {"labels": job.labels, "seed": job.seed, "epochs": epochs, "samples": samples,
             "flops": 3 * forward_flops(job.student, ds) * samples * epochs, "teacher": None, "teachers": []}
     cached = teacher_outputs_cached(job)
+    view = planned_view_cache(job, samples) if job.teachers else None
+    if view is not None:
+        plan["teacher_view_cache"] = view
     for spec in job.teachers:
-        plan["flops"] += forward_flops(spec.model, ds) * samples * (1 if cached else epochs)
+        # teacher forwards per sample: 1 with the per-sample cache; with the view cache, none (found) or one per view
+        # (built now); else one per epoch
+        state = (view or {}).get("state")
+        per_sample = 1 if cached else 0 if state == "found" else view["views"] if state == "build" else epochs
+        plan["flops"] += forward_flops(spec.model, ds) * samples * per_sample
         teacher = {"label": spec.model.label, "cached": cached}
         if spec.pretrained is not None:
             teacher.update(source="pretrained", weights=spec.pretrained)
@@ -84,6 +91,70 @@ def plan_job(job: Job) -> dict:
         plan["teachers"].append(teacher)
     plan["teacher"] = plan["teachers"][0] if plan["teachers"] else None
     return plan
+
+
+@lru_cache(maxsize=None)
+def _teacher_taps(method_json: str, teacher_json: str, student_json: str, classes: int, shape: tuple) -> tuple:
+    """(the method's teacher taps, its teacher train mode, its teacher_cache flag), from the method built on untrained
+    models (no data; the global RNG untouched)."""
+    from kdbench.distill import Options, PairInfo, create_method
+    from kdbench.models import probe_taps
+
+    def build(spec_json):
+        kwargs = json.loads(spec_json)
+        kwargs.pop("weights", None)  # never download pretrained weights to plan
+        return create_model(kwargs.pop("name"), num_classes=classes, input_shape=shape, **kwargs)
+
+    with torch.random.fork_rng(devices=[]):
+        teacher, student = build(teacher_json), build(student_json)
+        pair = PairInfo(student, teacher, probe_taps(student, shape), probe_taps(teacher, shape), "s", "t", classes,
+                        torch.arange(2 * classes) % classes, 1, 0.1, shape)
+        method = create_method(Options(json.loads(method_json)), pair)
+    return tuple(method.teacher_taps), bool(method.teacher_train_mode), bool(method.teacher_cache)
+
+
+def planned_view_cache(job: Job, samples: int) -> Optional[dict]:
+    """What the run would do with the teacher view cache (kdbench.viewcache): its size, and found / build / skipped /
+    not used, with why."""
+    from types import SimpleNamespace
+
+    from kdbench import viewcache
+    from kdbench.io import sha256_file
+
+    ds, spec = job.dataset, job.teacher
+    augment = SimpleNamespace(active=bool(ds.crop_padding) or bool(ds.hflip))
+    if ds.name in ("imagenet", "imagefolder"):
+        loader = SimpleNamespace(random_resized=True)
+    else:
+        loader = SimpleNamespace(augment=augment, random_resized=False)
+    dump = lambda m: json.dumps({"name": m.name, **m.kwargs}, sort_keys=True)  # noqa: E731
+    try:
+        taps, train_mode, cacheable = _teacher_taps(json.dumps(dict(job.method), sort_keys=True, default=str),
+                                                    dump(spec.model), dump(job.student), int(ds.num_classes),
+                                                    tuple(ds.image_shape))
+    except Exception as err:  # noqa: BLE001  (the run says it more precisely)
+        return {"state": "not used", "why": f"the method could not be built here ({type(err).__name__})"}
+    needs = SimpleNamespace(teacher_taps=taps, teacher_train_mode=train_mode, teacher_cache=cacheable,
+                            method_name=job.method.name)
+    reason = viewcache.applies(needs, loader)
+    if reason is not None:
+        return {"state": "not used", "why": reason}
+    sha, entry_dir = None, None
+    if spec.checkpoint is not None and Path(spec.checkpoint).exists():
+        sha = sha256_file(spec.checkpoint)
+        entry_dir = job.teacher_store / viewcache.HIDDEN_DIR / f"{Path(spec.checkpoint).stem}-{sha[:16]}"
+    elif spec.entry is not None:
+        entry = TeacherStore(job.teacher_store).entry(spec.entry)
+        if entry.exists():
+            sha, entry_dir = json.loads(entry.meta.read_text())["sha256"], entry.directory
+    cache_spec = viewcache.spec_for(sha or "", ds, job.trainer.precision, samples)
+    found = sha is not None and viewcache.paths(entry_dir, cache_spec)[1].exists()
+    mode = str(getattr(job.trainer.teacher_view_cache, "value", job.trainer.teacher_view_cache))
+    action, why = viewcache.decide(mode, cache_spec, job.trainer.epochs, job.trainer.teacher_view_cache_gb, found)
+    state = {"use": "found", "build": "build", "skip": "skipped"}[action]
+    if state == "build":
+        why = why.replace("built now", "built first")
+    return {"state": state, "why": why, "bytes": cache_spec.nbytes, "views": cache_spec.views}
 
 
 def teachers_to_train(plan: dict) -> list[dict]:
@@ -144,6 +215,10 @@ def format_job(plan: dict, tflops: float) -> str:
     number = f"#{plan['job']} " if plan.get("job") is not None else ""
     line = f"{number}{names}  seed {plan['seed']}  {plan['epochs']} ep  {_cost(plan['flops'], tflops)}"
     notes = [_teacher_note(t, tflops) for t in plan.get("teachers") or ([plan["teacher"]] if plan["teacher"] else [])]
+    if plan.get("teacher_view_cache"):
+        view = plan["teacher_view_cache"]
+        notes.append(f"teacher view cache: {view['why']}" if view["state"] != "not used"
+                     else f"teacher view cache: not used ({view['why']})")
     return "  ".join([line, *notes])
 
 

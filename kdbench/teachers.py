@@ -134,6 +134,7 @@ class TeacherOutputs:
         self.taps = tuple(taps)
         self.train_mode = train_mode
         self.cache: Optional[dict[str, torch.Tensor]] = None
+        self.view_cache = None  # kdbench.viewcache.ViewCache: the logits of every augmented view, from the store
 
     @property
     def cached(self) -> bool:
@@ -167,6 +168,8 @@ class TeacherOutputs:
     def __call__(self, batch) -> dict[str, torch.Tensor]:
         if self.cache is not None:
             return {name: value[batch.indices] for name, value in self.cache.items()}
+        if self.view_cache is not None and self.view_cache.covers(batch):
+            return self.view_cache(batch)
         return self._forward(batch.inputs)
 
 
@@ -201,7 +204,7 @@ def scan_store(root: Path) -> list[StoredTeacher]:
     if not root.is_dir():
         return []
     out = []
-    for directory in sorted(p for p in root.iterdir() if p.is_dir()):
+    for directory in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
         entry = StoreEntry(directory)
         size = sum(f.stat().st_size for f in directory.rglob("*") if f.is_file())
         out.append(StoredTeacher(entry, _read_json(entry.meta) if entry.exists() else None,

@@ -34,6 +34,7 @@ from kdbench.errors import CorruptCheckpoint
 from kdbench.io import config_hash, sha256_file, write_json
 
 VIEWS_DIR = "views"
+HIDDEN_DIR = ".views"  # <teacher store>/.views/<file>-<sha>/: caches of teachers loaded from a file (not store entries)
 MIN_EXACT_BATCH = 4  # smaller batches may take other CPU kernels: computed live
 BUILD_CHUNK = 256  # samples per teacher forward while building
 MODES = ("auto", "build", "off")

@@ -97,6 +97,9 @@ NON_SEMANTIC_EXAMPLES = {
     "trainer.eval_batch_size": "trainer.eval_batch_size=7", "trainer.teacher_cache": "trainer.teacher_cache=false",
     "trainer.teacher_cache_gb": "trainer.teacher_cache_gb=1",
     "trainer.keep_every": "trainer.keep_every=10",  # a stored teacher's anchors (RCO): kept, the result unchanged
+    # the view-exact logit cache equals the live teacher bit for bit on CPU (tests/test_view_cache.py)
+    "trainer.teacher_view_cache": "trainer.teacher_view_cache=off",
+    "trainer.teacher_view_cache_gb": "trainer.teacher_view_cache_gb=1",
 }
 
 

@@ -23,8 +23,13 @@ def test_cifar100_plan_needs_no_data(tmp_path):
     student, teacher = forward_flops(job.student, job.dataset), forward_flops(job.teacher.model, job.dataset)
     assert plan["labels"] == {"dataset": "cifar100", "teacher": "resnet32x4", "student": "resnet8x4", "method": "kd"}
     assert (plan["samples"], plan["epochs"]) == (50_000, 240)
-    # augmented inputs: no teacher cache, so the teacher runs forward every epoch
-    assert plan["flops"] == 3 * student * 50_000 * 240 + teacher * 50_000 * 240
+    # augmented inputs: no per-sample cache; KD reads only logits, and 240 epochs outnumber the 162 views, so the
+    # view cache is built first (one teacher forward per view) and then read instead of the teacher
+    assert plan["flops"] == 3 * student * 50_000 * 240 + teacher * 50_000 * 162
+    assert plan["teacher_view_cache"]["state"] == "build" and plan["teacher_view_cache"]["bytes"] == 50_000 * 162 * 400
+    live = plan_job(resolve_job(["dataset=cifar100", "teacher=resnet32x4", "student=resnet8x4", "method=kd",
+                                 "trainer.teacher_view_cache=off"], tmp_path))
+    assert live["flops"] == 3 * student * 50_000 * 240 + teacher * 50_000 * 240  # the teacher every epoch
     assert plan["teacher"]["source"] == "train" and plan["teacher"]["key"] == job.teacher.entry
     (to_train,) = teachers_to_train(plan)
     assert to_train["method"] == "vanilla" and to_train["flops"] == 3 * teacher * 50_000 * 240

@@ -55,7 +55,7 @@ def generated_batch(images: torch.Tensor, targets: Optional[torch.Tensor] = None
     if targets is None:
         targets = torch.full((n,), -1, dtype=torch.long, device=device)
     return GeneratedBatch(images, targets, torch.arange(n, device=device), torch.zeros(n, 2, dtype=torch.long),
-                          torch.zeros(n, dtype=torch.bool), latent)
+                          torch.zeros(n, dtype=torch.bool), latent=latent)
 
 
 class ConvGenerator(nn.Module):
