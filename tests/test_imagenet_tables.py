@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import tempfile
 from pathlib import Path
 
 import pandas as pd
@@ -21,9 +22,10 @@ from kdbench.models import count_parameters, create_model, probe_taps
 from kdbench.plan import plan_job
 from kdbench.report import PAPER_DIR
 from tests.conftest import KDBENCH, compose_config, resolve_job
-from tests.test_experiments import NO_KDBENCH_METHOD, TABLES, sweep_axes
+from tests.test_experiments import NO_KDBENCH_METHOD, TABLES, job_of, sweep_axes
 
 IMAGENET_TRAIN = 1_281_167
+NO_DATA = Path(tempfile.gettempdir()) / "kdbench-test-no-imagenet-here"  # a data dir that must never be created
 SHAPE = (3, 224, 224)
 # experiment -> jobs its sweep lists (seeds included)
 JOBS = {
@@ -35,17 +37,22 @@ IMAGENET_MODELS = ("tv_resnet18", "tv_resnet34", "tv_resnet50", "mobilenet_v1", 
 
 
 def test_every_imagenet_experiment_is_listed_here_and_in_a_paper_table():
-    found = {p.stem for p in (Path(CONF_DIR) / "experiment").glob("*.yaml")
-             if compose_config([f"experiment={p.stem}"]).dataset.name == "imagenet"}
+    from omegaconf import OmegaConf
+
+    def dataset(path):
+        defaults = OmegaConf.to_container(OmegaConf.load(path)).get("defaults", [])
+        return next((d["override /dataset"] for d in defaults if isinstance(d, dict) and "override /dataset" in d), None)
+
+    found = {p.stem for p in (Path(CONF_DIR) / "experiment").glob("*.yaml") if dataset(p) == "imagenet"}
     assert found == set(JOBS)
     assert set(JOBS) <= {e for experiments in TABLES.values() for e in experiments}
 
 
-def combos(experiment: str):
-    """The sweep's jobs as override lists (seeds included)."""
-    axes = sweep_axes(experiment)
-    for values in itertools.product(*axes.values()):
-        yield [f"experiment={experiment}", *(f"{k}={v}" for k, v in zip(axes, values))]
+def combos(experiment: str, seeds: bool = True) -> list[list[str]]:
+    """The sweep's jobs as override lists (seeds=False: one per pair and method; the seed changes no setting)."""
+    axes = {k: v for k, v in sweep_axes(experiment).items() if seeds or k != "seed"}
+    return [[f"experiment={experiment}", *(f"{k}={v}" for k, v in zip(axes, values))]
+            for values in itertools.product(*axes.values())]
 
 
 @pytest.fixture(scope="module")
@@ -68,17 +75,18 @@ def imagenet_pair(job, imagenet_models) -> PairInfo:
                     tuple(job.dataset.std), job.seed)
 
 
-@pytest.mark.parametrize("experiment", sorted(JOBS))
+# The two mdistiller tables run by default; the other experiments' jobs with the slow tests (>10 s together).
+MAIN = ("imagenet_r34_r18", "imagenet_r50_mv1")
+
+
+@pytest.mark.parametrize("experiment", [e if e in MAIN else pytest.param(e, marks=pytest.mark.slow) for e in sorted(JOBS)])
 def test_each_imagenet_job_builds_its_method_on_the_real_pair(experiment, imagenet_models):
     """Every (pair, method) of the sweep: the method is built on the probed 224x224 shapes of the 1000-class
     models (heads sized from them), and every tap it reads is one the models produce."""
-    seen = set()
-    for overrides in combos(experiment):
-        job = resolve_job([o for o in overrides if not o.startswith("seed=")])
-        key = (job.student.name, job.teacher.model.name if job.teacher else None, str(job.method))
-        if key in seen:
-            continue
-        seen.add(key)
+    seen = 0
+    for overrides in combos(experiment, seeds=False):
+        job = job_of(*overrides, f"paths.data_dir={NO_DATA}")
+        seen += 1
         pair = imagenet_pair(job, imagenet_models)
         method = create_method(job.method, pair)
         assert set(method.student_taps) <= set(pair.student_shapes), (experiment, job.labels)
@@ -89,19 +97,19 @@ def test_each_imagenet_job_builds_its_method_on_the_real_pair(experiment, imagen
 
 
 @pytest.mark.parametrize("experiment", sorted(JOBS))
-def test_imagenet_dry_run_plans_each_job_with_a_cost_and_touches_no_data(experiment, tmp_path):
+def test_imagenet_dry_run_plans_each_job_with_a_cost_and_touches_no_data(experiment):
     """What `kdbench experiment=<x> dry_run=true` prints per job: ImageNet's 1,281,167 training images, the
     epochs, FLOPs > 0 and a pretrained teacher (none trained first), planned with no data directory."""
-    data = tmp_path / "no-data"
-    plans = [plan_job(resolve_job([*o, f"paths.data_dir={data}"], tmp_path)) for o in combos(experiment)]
-    assert len(plans) == JOBS[experiment]
+    assert not NO_DATA.exists()
+    assert len(combos(experiment)) == JOBS[experiment]
+    plans = [plan_job(job_of(*o, f"paths.data_dir={NO_DATA}")) for o in combos(experiment, seeds=False)]
     for plan in plans:
         assert plan["labels"]["dataset"] == "imagenet" and plan["samples"] == IMAGENET_TRAIN
         assert plan["flops"] > 0 and plan["epochs"] >= 100
         for teacher in plan["teachers"]:
             assert teacher["source"] == "pretrained" and teacher["weights"] == "IMAGENET1K_V1"
             assert not teacher["cached"]  # augmented inputs: the teacher runs every epoch
-    assert not data.exists() and not (tmp_path / "teachers").exists()
+    assert not NO_DATA.exists()
 
 
 @pytest.mark.slow
