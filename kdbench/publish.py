@@ -190,7 +190,9 @@ def _configured_not_run(run_experiments: set[str]) -> list[str]:
             jobs *= len(str(values).split(","))
         dataset = _default_choice(conf, "dataset") or "?"
         summary = _first_sentence(path)
-        needs = "GPU recommended; CIFAR downloads with dataset.download=true" if dataset.startswith("cifar") else "CPU"
+        needs = ("GPU recommended; CIFAR downloads with dataset.download=true" if dataset.startswith("cifar") else
+                 "GPUs; ILSVRC-2012 class folders in <data_dir>/imagenet (not downloadable)" if dataset == "imagenet"
+                 else "CPU")
         lines.append(f"| `{name}` | {dataset} | {jobs} | {needs} | {summary} |")
     if not lines:
         return []

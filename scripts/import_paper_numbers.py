@@ -8,9 +8,16 @@ Only rows kdbench can run and compare are imported; each keeps its source, confi
 the same value (one column per pair) is dropped silently; a repeat from another table, or with another value, is
 dropped and mentioned in the kept row's note.
 
+ImageNet rows (dataset `imagenet`) map the papers' model names to kdbench's torchvision/mdistiller models (ResNet34 /
+ResNet-34 -> tv_resnet34, ResNet18 -> tv_resnet18, ResNet50 -> tv_resnet50, MobileNetV1 / MobileNet -> mobilenet_v1);
+errors become accuracies (100 - error, noted). Imported: the DKD and DOT README ImageNet tables (mdistiller: best
+epoch; DKD averages 3 trials on ImageNet, mdistiller#30) and AT's ResNet-34 -> ResNet-18 README row (top-1 and top-5).
+
 Rows left out, and why:
-  - every ImageNet, Tiny-ImageNet, CUB-200, speech, TIMIT and CHiME row: no such dataset in conf/dataset
-    (BaCaruana2014, MengCondTS2019 and most of Hinton2015 are only such rows);
+  - Tiny-ImageNet (DOT), CUB-200 (YimFSP2017), speech, TIMIT and CHiME rows: no such data set / recipe here
+    (BaCaruana2014, MengCondTS2019 and most of Hinton2015 are only such rows; DOT's Tiny-ImageNet rows use
+    mdistiller's Tiny-ImageNet ResNet18 / MobileNetV2 variants, which kdbench does not have);
+  - TAKD2020's ImageNet rows (ResNet-50 -> ResNet-14, TA ResNet-20): no ImageNet ResNet-14 / ResNet-20 in kdbench;
   - "-" / "N/A" cells: the method does not apply to the pair (e.g. FSP across widths);
   - Hinton2015 "% of test 3s correct" (98.6): the same run as its 14 errors on the 1010 test 3s;
   - YimFSP2017 Tables 1-2 ("avg acc of 3 nets", self-distillation): Table 1's rows repeat Table 3's resnet26
@@ -44,6 +51,10 @@ EXPERIMENTS = {"Tian2020_CRD": CIFAR100_BENCHMARK, "Zhao2022_DKD": CIFAR100_BENC
                "AT2017": "at_cifar10_wrn", "YimFSP2017": "fsp_cifar10 fsp_cifar100", "TAKD2020": "takd_cifar10 takd_cifar100",
                "Hinton2015": "hinton_mnist hinton_mnist_no3 hinton_mnist_only78"}
 CIFAR = {"CIFAR-10": "cifar10", "CIFAR-100": "cifar100", "CIFAR-100 (no augmentation)": "cifar100"}
+IMAGENET = ("ImageNet", "ImageNet (val; single crop)")
+# The ImageNet experiment of each teacher -> student pair (the mdistiller tables' recipes)
+IMAGENET_PAIR_EXPERIMENT = {("tv_resnet34", "tv_resnet18"): "imagenet_r34_r18",
+                            ("tv_resnet50", "mobilenet_v1"): "imagenet_r50_mv1"}
 CRD_METHODS = {"KD": "kd", "FitNet": "fitnet", "AT": "at", "SP": "sp", "CC": "cc", "VID": "vid", "RKD": "rkd",
                "PKT": "pkt", "AB": "ab", "FT": "ft", "FSP": "fsp", "NST": "nst", "CRD": "crd"}
 MD_BEST = {"protocol": "best", "runs": "5"}  # mdistiller: best epoch, mean of 5 runs (methods.md section 1.2)
@@ -100,6 +111,34 @@ def _model(text: str, dataset: str) -> str | None:
     return name if name in MODELS else None
 
 
+def _imagenet_model(text: str) -> str | None:
+    """'ResNet34' / 'ResNet-34' -> tv_resnet34, 'MobileNetV1' / 'MobileNet' -> mobilenet_v1; None when kdbench has no
+    such ImageNet model (e.g. ResNet-14)."""
+    if m := re.fullmatch(r"ResNet-?(\d+)", text.strip()):
+        name = f"tv_resnet{m[1]}"
+    elif re.fullmatch(r"MobileNet(-?V1)?", text.strip()):
+        name = "mobilenet_v1"
+    else:
+        return None
+    return name if name in MODELS else None
+
+
+def _imagenet_mdistiller(row: dict, paper: str, table: str, method: str) -> dict | None:
+    """A row of mdistiller's README ImageNet tables (top-1 accuracy, best epoch)."""
+    teacher, student = _imagenet_model(row["teacher"]), _imagenet_model(row["student"])
+    experiment = IMAGENET_PAIR_EXPERIMENT.get((teacher, student), "")
+    if method == "kd+dot":
+        experiment = "dot_imagenet"
+    runs = "3" if paper == "Zhao2022_DKD" else "not stated"
+    note = ("the DKD paper averages 3 trials on ImageNet and reports the best epoch (mdistiller#30)" if runs == "3" else
+            "mdistiller's trainer keeps the best epoch; the README does not say how many runs were averaged")
+    if method == "kd":
+        note += "; KD as mdistiller reruns it (the DKD paper's KD*: T 1, CE 0.5, KD 0.5, batch 512, lr 0.2)"
+    return {"paper": paper, "table": table, "dataset": "imagenet", "teacher": teacher, "student": student,
+            "method": method, "metric": "top1", "value": row["value"], "protocol": "best", "runs": runs,
+            "experiments": experiment, "note": _note(row, note)}
+
+
 def crd_row(row: dict) -> dict | None:
     method = row["method"]
     if method == "Teacher (baseline)":
@@ -116,6 +155,8 @@ def crd_row(row: dict) -> dict | None:
 
 
 def dkd_row(row: dict) -> dict | None:
+    if row["dataset"] == "ImageNet" and row["method"] in ("KD", "DKD"):
+        return _imagenet_mdistiller(row, "Zhao2022_DKD", "mdistiller README ImageNet DKD table", row["method"].lower())
     if row["dataset"] != "CIFAR-100" or row["method"] not in ("KD", "DKD"):
         return None
     teacher, student, note = row["teacher"], row["student"], row["note"]
@@ -127,6 +168,9 @@ def dkd_row(row: dict) -> dict | None:
 
 
 def dot_row(row: dict) -> dict | None:
+    if row["dataset"] == "ImageNet":
+        return _imagenet_mdistiller(row, "Zhao2023_DOT", "mdistiller README ImageNet DOT table",
+                                    {"KD": "kd", "KD+DOT": "kd+dot"}[row["method"]])
     if row["dataset"] != "CIFAR-100":
         return None
     return {"paper": "Zhao2023_DOT", "table": "mdistiller README CIFAR-100 DOT table", "dataset": "cifar100",
@@ -135,6 +179,16 @@ def dot_row(row: dict) -> dict | None:
 
 
 def at_row(row: dict) -> dict | None:
+    if row["dataset"] in IMAGENET:
+        metric = {"top-1 error %": "top1", "top-5 error %": "top5"}[row["metric"]]
+        teacher, student = _imagenet_model(row["teacher"]), _imagenet_model(row["student"])
+        method = {"student (no transfer)": "vanilla", "AT": "at"}[row["method"]]
+        return {"paper": "AT2017", "table": "ImageNet ResNet-34 -> ResNet-18 (README)", "dataset": "imagenet",
+                "teacher": "" if method == "vanilla" else teacher, "student": student, "method": method,
+                "metric": metric, "value": f"{100 - float(row['value']):.2f}", "protocol": "last",
+                "runs": "not stated", "experiments": "at_imagenet",
+                "note": _note(row, f"the README reports {'top-1' if metric == 'top1' else 'top-5'} error {row['value']}%; "
+                                   f"value = 100 - error; the README's released model (last epoch assumed)")}
     if row["dataset"] != "CIFAR-10":
         return None
     teacher, student = _model(row["teacher"], "cifar10"), _model(row["student"], "cifar10")
@@ -214,6 +268,8 @@ def convert(src: Path) -> dict[str, list[dict]]:
                 continue  # "-" / "N/A" cells (method not applicable to the pair)
             new = {"source": row["source"], "confidence": row["confidence"], "note": row["note"],
                    "experiments": EXPERIMENTS[new["paper"]], **new}
+            if new["dataset"] == "imagenet" and not new["experiments"]:
+                continue  # an ImageNet pair no experiment runs
             key = (new["dataset"], new["teacher"], new["student"], new["method"], new["metric"])
             kept = out.setdefault(new["paper"], {}).setdefault(key, new)
             if kept is not new and (kept["table"], kept["value"]) != (new["table"], new["value"]):

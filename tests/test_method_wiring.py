@@ -120,15 +120,16 @@ REFERENCE: dict[str, dict] = {
                   weights={"ce": 1.0, "kdsvd": 1.0},
                   attrs={"k": 1, "reshape": "rd"}),
     # §1.3 OFD row, §2.15: FEAT 0.001, connector kernel 1, teacher in train mode (MD)
-    "ofd": dict(config={"name": "ofd", "kernel_size": 1, "teacher_train_mode": True, "temperature": 4.0},
+    "ofd": dict(config={"name": "ofd", "kernel_size": 1, "levels": None, "teacher_train_mode": True, "temperature": 4.0},
                 weights={"ce": 1.0, "ofd": 0.001},
                 attrs={"teacher_train_mode": True, "connectors.0.0.kernel_size": (1, 1),
                        "student_taps": ("stage1_pre", "stage2_pre", "stage3_pre"),
                        "teacher_taps": ("stage1_pre", "stage2_pre", "stage3_pre")}),
     # §1.3 ReviewKD row (5.0 in configs/cifar100/reviewkd.yaml), §1.4 warm-up 20, §2.16 C_mid = min(512, ...)
-    "reviewkd": dict(config={"name": "reviewkd", "warmup_epochs": 20, "max_mid_channel": 512, "temperature": 4.0},
+    "reviewkd": dict(config={"name": "reviewkd", "warmup_epochs": 20, "max_mid_channel": 512, "student_preact": False,
+                             "temperature": 4.0},
                      weights={"ce": 1.0, "reviewkd": 5.0},
-                     attrs={"warmup_epochs": 20.0, "student_taps": ("stage1", "stage2", "stage3", "embedding"),
+                     attrs={"warmup_epochs": 20.0, "student_preact": False, "student_taps": ("stage1", "stage2", "stage3", "embedding"),
                             "teacher_taps": ("stage1_pre", "stage2_pre", "stage3_pre", "embedding")}),
     # §1.3 DKD row, §1.4 warm-up 20, §2.17: CE 1, alpha 1, beta 8 (res32x4 -> res8x4 default), T 4
     "dkd": dict(config={"name": "dkd", "temperature": 4.0, "warmup_epochs": 20, "logit_standardization": False},
@@ -312,7 +313,10 @@ REFERENCE: dict[str, dict] = {
                               "resnet32x4": {"resnet8x4": {"kd": 3.5, "nd": 2.0}, "ShuffleV1": {"kd": 2.5, "nd": 1.5},
                                              "ShuffleV2": {"kd": 4.0, "nd": 0.5}},
                               "wrn_40_2": {"wrn_40_1": {"kd": 1.0, "nd": 1.5}},
-                              "ResNet50": {"MobileNetV2": {"kd": 3.0, "nd": 0.5}}},
+                              "ResNet50": {"MobileNetV2": {"kd": 3.0, "nd": 0.5}},
+                              # ImageNet/train.sh KD++
+                              "tv_resnet34": {"tv_resnet18": {"kd": 2.5, "nd": 1.0}},
+                              "tv_resnet50": {"mobilenet_v1": {"kd": 4.0, "nd": 1.0}}},
                           "temperature": 4.0, "warmup_epochs": 20, "warmup_offset": 1, "centres": "train_pass",
                           "stage_epochs": 1},
                   weights={"ce": 1.0, "kd": 3.5, "nd": 2.0},
@@ -326,7 +330,10 @@ REFERENCE: dict[str, dict] = {
                                               "ShuffleV1": {"tckd": 0.5, "nckd": 8.0, "nd": 4.0},
                                               "ShuffleV2": {"tckd": 0.5, "nckd": 6.0, "nd": 0.5}},
                                "wrn_40_2": {"wrn_40_1": {"tckd": 1.0, "nckd": 6.0, "nd": 1.0}},
-                               "ResNet50": {"MobileNetV2": {"tckd": 0.5, "nckd": 8.0, "nd": 1.0}}},
+                               "ResNet50": {"MobileNetV2": {"tckd": 0.5, "nckd": 8.0, "nd": 1.0}},
+                               # ImageNet/train.sh DKD++
+                               "tv_resnet34": {"tv_resnet18": {"tckd": 0.8, "nckd": 0.5, "nd": 1.0}},
+                               "tv_resnet50": {"mobilenet_v1": {"tckd": 0.8, "nckd": 1.0, "nd": 1.0}}},
                            "temperature": 4.0, "warmup_epochs": 20, "warmup_offset": 1, "centres": "train_pass",
                            "stage_epochs": 1},
                    weights={"ce": 1.0, "tckd": 2.0, "nckd": 8.0, "nd": 0.5},
@@ -339,7 +346,10 @@ REFERENCE: dict[str, dict] = {
                                                    "ShuffleV1": {"reviewkd": 7.0, "nd": 1.0},
                                                    "ShuffleV2": {"reviewkd": 8.0, "nd": 1.5}},
                                     "wrn_40_2": {"wrn_40_1": {"reviewkd": 5.0, "nd": 4.0}},
-                                    "ResNet50": {"MobileNetV2": {"reviewkd": 6.0, "nd": 2.0}}},
+                                    "ResNet50": {"MobileNetV2": {"reviewkd": 6.0, "nd": 2.0}},
+                                    # ImageNet/ReviewKD++/train_reviewkd.sh
+                                    "tv_resnet34": {"tv_resnet18": {"reviewkd": 1.0, "nd": 3.0}},
+                                    "tv_resnet50": {"mobilenet_v1": {"reviewkd": 8.0, "nd": 4.0}}},
                                 "warmup_epochs": 20, "warmup_offset": 1, "max_mid_channel": 512,
                                 "centres": "train_pass", "stage_epochs": 1, "temperature": 4.0},
                         weights={"ce": 1.0, "reviewkd": 8.0, "nd": 1.0},
@@ -595,6 +605,51 @@ REFERENCE: dict[str, dict] = {
                 weights={"kd": 1.0},
                 attrs={"initial_batches": 1, "synthesis_every": 50,
                        "synthesis_weights": {"ce": 1.0, "bn": 10.0, "tv": 2.5e-5, "l2": 0.0, "competition": 0.2}}),
+    # ---- ImageNet settings (conf/method/*_in1k.yaml; the base configs keep CIFAR-100's). SETUP composes the per-pair
+    # ones for tv_resnet50 -> mobilenet_v1 (test_imagenet_tables.py checks tv_resnet34 -> tv_resnet18 too).
+    # mdistiller configs/imagenet/*/kd.yaml: T 1, CE 0.5, KD 0.5
+    "kd_in1k": dict(config={"name": "kd", "label": "kd", "temperature": 1.0, "logit_standardization": False},
+                    weights={"ce": 0.5, "kd": 0.5},
+                    attrs={"kd_temperature": 1.0, "logit_standardization": False}),
+    # CTKD scripts/run_imagenet_distill.sh -r 1 -a 1 --kd_T 4 (DIST's KD (T=4) baseline)
+    "kd_t4_in1k": dict(config={"name": "kd", "label": "kd", "temperature": 4.0, "logit_standardization": False},
+                       weights={"ce": 1.0, "kd": 1.0},
+                       attrs={"kd_temperature": 4.0}),
+    # mdistiller configs/imagenet/{r34_r18,r50_mv1}/dkd.yaml: CE 1, alpha 1, beta 0.5 / 2.0, T 1, warm-up 1 (no ramp)
+    "dkd_in1k": dict(config={"name": "dkd", "label": "dkd", "temperature": 1.0, "warmup_epochs": 1,
+                             "logit_standardization": False,
+                             "beta_by_pair": {"tv_resnet34": {"tv_resnet18": 0.5}, "tv_resnet50": {"mobilenet_v1": 2.0}}},
+                     weights={"ce": 1.0, "tckd": 1.0, "nckd": 2.0},
+                     attrs={"temperature": 1.0, "warmup_epochs": 1.0}),
+    # mdistiller configs/imagenet/*/reviewkd.yaml + dvlab-research/ReviewKD ImageNet: STU_PREACT, weight 1 / 8,
+    # middle width 512 / 256 (build_review_kd), warm-up 1 (no ramp)
+    "reviewkd_in1k": dict(config={"name": "reviewkd", "label": "reviewkd", "warmup_epochs": 1, "student_preact": True,
+                                  "temperature": 4.0,
+                                  "settings_by_pair": {"tv_resnet34": {"tv_resnet18": {"reviewkd": 1.0, "max_mid_channel": 512}},
+                                                       "tv_resnet50": {"mobilenet_v1": {"reviewkd": 8.0, "max_mid_channel": 256}}},
+                                  "max_mid_channel": "${oc.select:method.settings_by_pair.${teacher.label}.${student.label}.max_mid_channel,512}"},
+                          weights={"ce": 1.0, "reviewkd": 8.0},
+                          attrs={"warmup_epochs": 1.0, "student_preact": True,
+                                 "student_taps": ("stage1_pre", "stage2_pre", "stage3_pre", "embedding"),
+                                 "teacher_taps": ("stage1_pre", "stage2_pre", "stage3_pre", "embedding"),
+                                 "abfs.0.conv1.0.out_channels": 64}),  # min(256, the resnet8 embedding's 64)
+    # mdistiller configs/imagenet/r50_mv1/ofd.yaml FEAT 1e-4 (authors: sum / batch / 10000), deepest 3 levels for
+    # ResNet-50 -> MobileNet-V1 (mdistiller), teacher in train mode
+    "ofd_in1k": dict(config={"name": "ofd", "label": "ofd", "kernel_size": 1, "teacher_train_mode": True,
+                             "temperature": 4.0, "levels_by_pair": {"tv_resnet50": {"mobilenet_v1": 3}},
+                             "levels": "${oc.select:method.levels_by_pair.${teacher.label}.${student.label},null}"},
+                     weights={"ce": 1.0, "ofd": 1e-4},
+                     attrs={"teacher_train_mode": True, "student_taps": ("stage1_pre", "stage2_pre", "stage3_pre")}),
+    # DIST on ImageNet (dist.yaml: tau 1, beta = gamma = 1, kd_loss_weight 1)
+    "dist_in1k": dict(config={"name": "dist", "label": "dist", "tau": 1.0, "eps": 1e-8},
+                      weights={"ce": 1.0, "inter": 1.0, "intra": 1.0},
+                      attrs={"tau": 1.0}),
+    # CTKD scripts/run_imagenet_distill.sh: -r 1 -a 1, --decay_loops 5
+    "ctkd_in1k": dict(config={"name": "ctkd", "label": "ctkd", "temperature_module": "global", "t_start": 1.0,
+                              "t_end": 20.0, "init": 1.0, "lambda_max": 0.0, "lambda_min": -1.0, "lambda_loops": 5,
+                              "instance_hidden": 256, "teacher_eps": None, "logit_standardization": False},
+                      weights={"ce": 1.0, "kd": 1.0, "temperature": 0.0},
+                      attrs={"temperature_module.lambda_loops": 5.0, "temperature_module.kind": "global"}),
 }
 
 # §1.4: the DKD / ReviewKD warm-up min(epoch / 20, 1) and the terms it scales (CE is never warmed up)
@@ -636,6 +691,10 @@ SETUP = {
     "multi_exit": (None, "resnet8", ()),
     "multi_exit_ce": (None, "resnet8", ()),
     "netgraft": ("vgg16", "vgg16_graft", ()),  # NetGraft grafts kdbench VGG blocks (the student copies blocks 0-2)
+    # composed for tv_resnet50 -> mobilenet_v1 (their per-pair values); built on the default small pair
+    "dkd_in1k": ("resnet14", "resnet8", ("teacher=tv_resnet50", "student=mobilenet_v1")),
+    "reviewkd_in1k": ("resnet14", "resnet8", ("teacher=tv_resnet50", "student=mobilenet_v1")),
+    "ofd_in1k": ("resnet14", "resnet8", ("teacher=tv_resnet50", "student=mobilenet_v1")),
 }
 
 
@@ -716,6 +775,7 @@ TEACHER_FREE_TERMS = {"mlkd": {"ce_strong"}, "ctkd": {"temperature"},
 # Methods whose term_weights scale every weight by a constant of the built method: multi_exit's global_scale
 # (train_cifar.py: 2 * 5 / n_exits; resnet8 has 2 early exits + its own classifier)
 WEIGHT_SCALE = {"multi_exit": 10 / 3}
+TEACHER_FREE_TERMS = {"mlkd": {"ce_strong"}, "ctkd": {"temperature"}, "ctkd_in1k": {"temperature"}}
 
 
 def ramp(name: str, term: str, epoch: int) -> float:
@@ -1265,6 +1325,18 @@ def exp_zskt(m, pair, b, s, t, ref):
 
 def exp_deepinversion(m, pair, b, s, t, ref):
     return {"kd": _kd(s, t, ref["config"]["temperature"])}
+def exp_reviewkd_preact(m, pair, b, s, t, ref):
+    """ReviewKD with student_preact (ImageNet): the student's PRE-activation stages + pooled embedding feed the ABFs."""
+    from kdbench.methods.reviewkd import hcl_loss
+    s_feats = [*_stages(s, "_pre"), s["embedding"][:, :, None, None]]
+    t_feats = [*_stages(t, "_pre"), t["embedding"][:, :, None, None]]
+    deep_first = list(zip(s_feats[::-1], [f.shape[-2:] for f in t_feats][::-1]))
+    out, residual = m.abfs[0](deep_first[0][0], out_size=deep_first[0][1])
+    fused = [out]
+    for (x, size), abf in zip(deep_first[1:], m.abfs[1:], strict=True):
+        out, residual = abf(x, residual, size)
+        fused.insert(0, out)
+    return {"ce": _ce(s, b), "reviewkd": hcl_loss(fused, t_feats)}
 
 
 EXPECTED_TERMS = {
@@ -1286,6 +1358,8 @@ EXPECTED_TERMS = {
     "fskd": exp_fskd, "netgraft": exp_netgraft, "l2t_ww": exp_l2t_ww,
     "dafl": exp_dafl, "dafl_mnist": exp_dafl, "dafl_cifar10": exp_dafl, "dfad": exp_dfad, "dfad_mnist": exp_dfad, "zskt": exp_zskt,
     "deepinversion": exp_deepinversion, "adi": exp_deepinversion,
+    "kd_in1k": exp_kd, "kd_t4_in1k": exp_kd, "dkd_in1k": exp_dkd, "reviewkd_in1k": exp_reviewkd_preact,
+    "ofd_in1k": exp_ofd, "dist_in1k": exp_dist, "ctkd_in1k": exp_ctkd,
 }
 
 
@@ -1352,7 +1426,7 @@ EXPECTED_STAGES = {  # §1.4: AB trains connectors + feature layers, FT the para
 
 # Variants that add an optional term or zero a weight, beyond the shipped configs
 OPTIONAL_KD = ["sp", "cc", "vid", "rkd", "pkt", "nst", "crd", "kdsvd", "ofd", "reviewkd",
-               "simkd", "cat_kd", "ickd", "itrd", "pad", "irg", "mgd"]
+               "simkd", "cat_kd", "ickd", "itrd", "pad", "irg", "mgd", "ofd_in1k", "reviewkd_in1k"]
 VARIANTS = [(name, ()) for name in METHOD_YAMLS] + [
     ("kd", ("method.weights.ce=0",)),  # soft targets only: ce logged, not summed
     ("dkd", ("method.weights.tckd=0",)),  # a warmed-up term with weight 0
@@ -1539,7 +1613,7 @@ def test_shipped_config_defaults_match_the_reference(name):
     ref = REFERENCE[name]
     raw = OmegaConf.to_container(cfg, resolve=False)
     raw.pop("weights")
-    if name in ("dkd_per_pair", "lskd_per_pair"):  # the base yaml's keys come in through its defaults list
+    if name in ("dkd_per_pair", "lskd_per_pair") or name.endswith("_in1k"):  # keys come in through defaults
         raw.pop("defaults", None)
     assert raw == ref["config"], f"{name}: composed config differs from the reference defaults"
     weights = OmegaConf.to_container(cfg.weights, resolve=True)

@@ -415,3 +415,52 @@ def test_mobilenet_v1_is_the_imagenet_kd_papers_one():
     shapes = probe_taps(model, (3, 224, 224))
     assert [shapes[f"stage{i}"] for i in range(1, 5)] == [(128, 56, 56), (256, 28, 28), (512, 14, 14), (1024, 7, 7)]
     assert [bn.num_features for bn in model.bn_before_relu()] == [128, 256, 512, 1024]
+
+
+@pytest.mark.parametrize("name", ["tv_resnet18", "tv_resnet50"])
+def test_torchvision_resnet_pre_taps_are_the_last_blocks_residual_sum_before_its_relu(name):
+    """stageN_pre = bn_last(...) + identity of layerN's last block, recomputed here block by block from torchvision's
+    modules (BasicBlock: conv1-bn1-relu-conv2-bn2; Bottleneck: + conv3-bn3), and stageN = ReLU(stageN_pre); the tap
+    carries the gradient of that sum, and its hooks are gone after the call."""
+    torch.manual_seed(0)
+    model = create_model(name, num_classes=10, input_shape=(3, 64, 64)).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        out = model.forward_taps(x, model.tap_names)
+        h = model.maxpool(model.relu(model.bn1(model.conv1(x))))
+        for i in range(1, 5):
+            layer = getattr(model, f"layer{i}")
+            for block in layer[:-1]:
+                h = block(h)
+            last = layer[-1]
+            identity = last.downsample(h) if last.downsample is not None else h
+            y = F.relu(last.bn1(last.conv1(h)))
+            y = last.bn2(last.conv2(y))
+            if hasattr(last, "bn3"):
+                y = last.bn3(last.conv3(F.relu(y)))
+            pre = y + identity
+            torch.testing.assert_close(out[f"stage{i}_pre"], pre)
+            assert torch.equal(F.relu(out[f"stage{i}_pre"]), out[f"stage{i}"]) and bool((pre < 0).any())
+            h = F.relu(pre)
+    assert not any(m._forward_pre_hooks for m in model.modules())
+    # the gradient of a loss on the pre tap reaches the input as the recomputed sum's does
+    xg = x.clone().requires_grad_(True)
+    model.forward_taps(xg, ["stage2_pre"])["stage2_pre"].square().sum().backward()
+    xr = x.clone().requires_grad_(True)
+    h = model.layer1(model.maxpool(model.relu(model.bn1(model.conv1(xr)))))
+    last = model.layer2[-1]
+    for block in model.layer2[:-1]:
+        h = block(h)
+    identity = last.downsample(h) if last.downsample is not None else h
+    y = last.bn2(last.conv2(F.relu(last.bn1(last.conv1(h)))))
+    if hasattr(last, "bn3"):
+        y = last.bn3(last.conv3(F.relu(y)))
+    (y + identity).square().sum().backward()
+    torch.testing.assert_close(xg.grad, xr.grad)
+
+
+def test_torchvision_resnet_bn_before_relu_is_the_last_bn_before_each_pre_tap():
+    model = meta_model("tv_resnet34", num_classes=1000)
+    assert [bn.num_features for bn in model.bn_before_relu()] == [64, 128, 256, 512]
+    assert model.bn_before_relu()[3] is model.layer4[-1].bn2
+    assert {f"stage{i}_pre" for i in range(1, 5)} <= set(model.tap_names)

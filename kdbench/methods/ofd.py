@@ -1,7 +1,10 @@
 """Heo et al. 2019, "A Comprehensive Overhaul of Feature Distillation" (mdistiller OFD; not in RepDistiller).
 
 Features: the PRE-activation stage outputs (`stageN_pre`) of both networks, aligned to the deepest
-min(L_s, L_t) levels. Connector per level: Conv(k x k, no bias, pad (k-1)/2, init N(0, sqrt(2/(k*k*C_t)))) from C_s
+min(L_s, L_t) levels, or to the deepest `levels` of those when set (mdistiller's ImageNet ResNet-50 -> MobileNet-V1
+distils 3: it drops the first entry of each `preact_feats`, the ResNet's stem and the MobileNet's first stage, and
+aligns the rest from the end; the authors' ImageNet code, clovaai/overhaul-distillation ImageNet/distiller.py,
+distils all 4). Connector per level: Conv(k x k, no bias, pad (k-1)/2, init N(0, sqrt(2/(k*k*C_t)))) from C_s
 to C_t, then BN(C_t) (weight 1, bias 0): 86,912 extra parameters for resnet32x4 -> resnet8x4 (k = 1).
 Margins per teacher channel, computed once at construction from the BN before each teacher ReLU
 (teacher.bn_before_relu()), with s = |gamma| and m = beta:
@@ -74,6 +77,12 @@ class OFD(Method):
         super().__init__(cfg, pair)
         self.teacher_train_mode = bool(cfg.get("teacher_train_mode", True))
         self.pairs = stage_pairs(pair, self.method_name, align="last", suffix="_pre")
+        levels = cfg.get("levels")
+        if levels is not None:
+            if not 1 <= int(levels) <= len(self.pairs):
+                raise pair.incompatible(self.method_name, f"levels={levels}, but the pair has {len(self.pairs)} "
+                                                          f"aligned stage(s)")
+            self.pairs = self.pairs[-int(levels):]
         self.student_taps = tuple(s for s, _ in self.pairs)
         self.teacher_taps = tuple(t for _, t in self.pairs)
         try:

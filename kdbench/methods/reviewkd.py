@@ -1,7 +1,10 @@
 """Chen et al. 2021, "Distilling Knowledge via Knowledge Review" (mdistiller ReviewKD; not in RepDistiller).
 
 Student inputs: the post-ReLU stage outputs plus the pooled `embedding` as a 1x1 map, processed deepest first
-([embedding, stage_L, ..., stage1]). Teacher targets: the PRE-activation stage outputs plus the pooled embedding,
+([embedding, stage_L, ..., stage1]); with `student_preact: true` the PRE-activation stage outputs instead
+(mdistiller REVIEWKD.STU_PREACT: False in its CIFAR-100 configs, True in configs/imagenet/*/reviewkd.yaml; the
+authors' ImageNet code, dvlab-research/ReviewKD ImageNet/models/resnet.py and mobilenet.py, feeds the ABFs the
+stage outputs before their ReLU too). Teacher targets: the PRE-activation stage outputs plus the pooled embedding,
 [stage1_pre, ..., stage_L_pre, embedding]. One attention-based fusion (ABF) module per level:
   conv1 = Conv1x1(C_in -> C_mid, no bias) + BN;  conv2 = Conv3x3(C_mid -> C_out, pad 1, no bias) + BN;
   non-deepest levels also have att = Conv1x1(2 C_mid -> 2, bias) + Sigmoid;  conv weights kaiming_uniform(a=1);
@@ -77,9 +80,10 @@ class ReviewKD(Method):
     def __init__(self, cfg, pair):
         super().__init__(cfg, pair)
         self.warmup_epochs = float(cfg.get("warmup_epochs", 20))
+        self.student_preact = bool(cfg.get("student_preact", False))
         stage_pre = stage_pairs(pair, self.method_name, align="equal", suffix="_pre")
-        post = stage_pairs(pair, self.method_name, align="equal")
-        self.s_levels = [s for s, _ in post] + ["embedding"]  # shallow -> deep
+        student = stage_pre if self.student_preact else stage_pairs(pair, self.method_name, align="equal")
+        self.s_levels = [s for s, _ in student] + ["embedding"]  # shallow -> deep
         self.t_levels = [t for _, t in stage_pre] + ["embedding"]
         self.student_taps, self.teacher_taps = tuple(self.s_levels), tuple(self.t_levels)
 

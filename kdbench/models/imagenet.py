@@ -10,10 +10,15 @@ and read through forward hooks (registered for the requested taps only, removed 
   tv_mobilenet_v2  stem = `features.0`, stage1..4 = `features.3`, `.6`, `.13`, `.17` (the last inverted-residual
                    block at 1/4, 1/8, 1/16 and 1/32 resolution; linear-bottleneck outputs, no ReLU),
                    embedding = the input of `classifier` (pooled 1280), logits
-
-No `_pre` taps: torchvision's blocks apply their final ReLU in place on the residual sum, so a hook cannot see the
-pre-activation. bn_before_relu(): the last BN of each stage's last block (bn2 / bn3 for ResNets, like the CIFAR
-ResNets; the linear-bottleneck BN for MobileNetV2, like the CIFAR MobileNetV2).
+  tv_resnet*       stage1_pre..stage4_pre = the residual sum of each stage's last block before its final ReLU
+                   (stageN = ReLU(stageN_pre)): what the ImageNet code of OFD, ReviewKD and mdistiller distils (their
+                   ResNets return the last block's output before the ReLU: mdistiller models/imagenet/resnet.py
+                   preact_feats, ReviewKD ImageNet/models/resnet.py is_last). torchvision's block applies that ReLU
+                   in place through its one `relu` module (also called after bn1 / bn2 inside the block), so the
+                   tap is a copy of the input of that module's last call in the block (a forward pre-hook; the copy
+                   keeps the pre-activation values and the gradient path to them). tv_mobilenet_v2 has none.
+bn_before_relu(): the last BN of each stage's last block (bn2 / bn3 for ResNets, like the CIFAR ResNets; the
+linear-bottleneck BN for MobileNetV2, like the CIFAR MobileNetV2).
 """
 from __future__ import annotations
 
@@ -34,10 +39,16 @@ def _store_input(store: dict, name: str, module, inputs):
     store[name] = inputs[0]
 
 
+def _store_input_copy(store: dict, name: str, module, inputs):
+    """A copy of the module's input at each call (the last call's stays): the input of an in-place ReLU."""
+    store[name] = inputs[0].clone()
+
+
 class TorchvisionTapModel(TapModel):
     def __init__(self, net: nn.Module, taps: Mapping[str, tuple[str, str]], stage_names: Sequence[str],
                  bn_paths: Sequence[str]):
-        """taps: tap name -> (module path, "output" | "input"); bn_paths: module paths of bn_before_relu()."""
+        """taps: tap name -> (module path, "output" | "input" | "last_input"); "last_input" keeps a copy of the input of
+        the module's last call in the forward. bn_paths: module paths of bn_before_relu()."""
         super().__init__()
         for name, child in net.named_children():
             self.add_module(name, child)
@@ -63,6 +74,8 @@ class TorchvisionTapModel(TapModel):
                 module = self.get_submodule(path)
                 if where == "output":
                     handles.append(module.register_forward_hook(partial(_store_output, captured, tap)))
+                elif where == "last_input":
+                    handles.append(module.register_forward_pre_hook(partial(_store_input_copy, captured, tap)))
                 else:
                     handles.append(module.register_forward_pre_hook(partial(_store_input, captured, tap)))
             logits = self._net(x)
@@ -96,12 +109,20 @@ def _build(builder: str, weights, num_classes: int, **kwargs) -> nn.Module:
     return getattr(torchvision.models, builder)(weights=weights, num_classes=num_classes, **kwargs)
 
 
+def _resnet_taps(net: nn.Module) -> dict:
+    """_RESNET_TAPS plus stageN_pre: the input of the last call of layerN's last block's (in-place) `relu`."""
+    taps = dict(_RESNET_TAPS)
+    for i in range(1, 5):
+        taps[f"stage{i}_pre"] = (f"layer{i}.{len(getattr(net, f'layer{i}')) - 1}.relu", "last_input")
+    return taps
+
+
 def _register_resnet(name: str, builder: str, last_bn: str) -> None:
     def factory(num_classes, input_shape, weights=None, **kwargs):
         _check_input(name, input_shape)
         net = _build(builder, weights, num_classes, **kwargs)
-        return TorchvisionTapModel(net, _RESNET_TAPS, _STAGES4, [f"layer{i}.{len(getattr(net, f'layer{i}')) - 1}."
-                                                                   f"{last_bn}" for i in range(1, 5)])
+        return TorchvisionTapModel(net, _resnet_taps(net), _STAGES4, [f"layer{i}.{len(getattr(net, f'layer{i}')) - 1}."
+                                                                        f"{last_bn}" for i in range(1, 5)])
 
     factory.__doc__ = f"torchvision {builder} (weights passed to torchvision; default None)"
     register_model(name)(factory)

@@ -72,3 +72,32 @@ def test_ofd_takes_margins_from_the_teachers_bn_and_runs_the_teacher_in_train_mo
 
 def test_ofd_refuses_a_teacher_without_pre_activation_taps():
     assert_refuses("ofd", "lenet5", "resnet8", "stage1_pre")
+
+
+def test_ofd_levels_keeps_only_the_deepest_stages_and_their_margins():
+    """levels=k (mdistiller's ImageNet ResNet-50 -> MobileNet-V1: 3 of 4) distils the deepest k aligned stages, with
+    the margins of those stages' BN-before-ReLU and the 2^(k-i-1) level weights of a k-level loss."""
+    from kdbench.methods.ofd import ofd_loss, ofd_margin
+    from tests.helpers import forward
+
+    pair = make_pair("resnet14", "resnet8", input_shape=(3, 32, 32))
+    m = create_method(method_options("ofd", levels=2), pair)
+    assert m.student_taps == m.teacher_taps == ("stage2_pre", "stage3_pre")
+    bns = pair.teacher.bn_before_relu()[1:]
+    for margin, bn in zip(m.margins, bns, strict=True):
+        assert torch.equal(margin, ofd_margin(bn.weight, bn.bias))
+    assert len(m.connectors) == 2 and "margin3" not in m.state_dict()
+    s_out, t_out = forward(pair, m)
+    g_s = [conn(s_out[tap]) for conn, tap in zip(m.connectors, m.student_taps)]
+    expected = ofd_loss(g_s, [t_out[tap] for tap in m.teacher_taps], [ofd_margin(b.weight, b.bias) for b in bns])
+    close(m.terms(None, s_out, t_out)["ofd"], expected.item())
+    assert create_method(method_options("ofd", levels=None), pair).student_taps == ("stage1_pre", "stage2_pre", "stage3_pre")
+
+
+def test_ofd_refuses_more_levels_than_the_pair_has():
+    import pytest
+    from kdbench.errors import IncompatibleModels
+
+    pair = make_pair("resnet14", "resnet8")
+    with pytest.raises(IncompatibleModels, match="levels=4"):
+        create_method(method_options("ofd", levels=4), pair)

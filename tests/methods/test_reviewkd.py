@@ -72,3 +72,37 @@ def test_reviewkd_refuses_models_without_pre_activation_taps():
 
 def test_reviewkd_refuses_models_with_different_numbers_of_stages():
     assert_refuses("reviewkd", "vgg8", "resnet8", "same number of stages")
+
+
+def test_reviewkd_student_preact_feeds_the_pre_activation_stages_to_the_abfs(benchmark_pair):
+    """student_preact (mdistiller STU_PREACT, its ImageNet configs): the student's stageN_pre maps (negative values
+    kept) and the pooled embedding enter the ABFs; the teacher side is unchanged; the CIFAR default keeps post-ReLU."""
+    from kdbench.methods.reviewkd import hcl_loss
+    from tests.helpers import forward
+
+    m = create_method(method_options("reviewkd", student_preact=True), benchmark_pair)
+    assert m.student_taps == ("stage1_pre", "stage2_pre", "stage3_pre", "embedding")
+    assert m.teacher_taps == ("stage1_pre", "stage2_pre", "stage3_pre", "embedding")
+    assert create_method(method_options("reviewkd"), benchmark_pair).student_taps[0] == "stage1"
+    s_out, t_out = forward(benchmark_pair, m)
+    assert bool((s_out["stage1_pre"] < 0).any())
+    m.eval()
+    feats = [s_out["embedding"][:, :, None, None], s_out["stage3_pre"], s_out["stage2_pre"], s_out["stage1_pre"]]
+    sizes = [(1, 1), (8, 8), (16, 16), (32, 32)]
+    out, res = m.abfs[0](feats[0], out_size=sizes[0])
+    fused = [out]
+    for x, abf, size in zip(feats[1:], m.abfs[1:], sizes[1:]):
+        out, res = abf(x, res, size)
+        fused.insert(0, out)
+    targets = [t_out["stage1_pre"], t_out["stage2_pre"], t_out["stage3_pre"], t_out["embedding"][:, :, None, None]]
+    close(m.terms(None, s_out, t_out)["reviewkd"], hcl_loss(fused, targets).item())
+
+
+def test_reviewkd_student_preact_refuses_a_student_without_pre_activation_taps():
+    import pytest
+    from kdbench.errors import IncompatibleModels
+    from tests.conftest import make_pair
+
+    pair = make_pair("ResNet50", "MobileNetV2", input_shape=(3, 32, 32))  # MobileNetV2 has no stageN_pre (§3.3)
+    with pytest.raises(IncompatibleModels, match="stage1_pre"):
+        create_method(method_options("reviewkd", student_preact=True), pair)
