@@ -55,12 +55,12 @@ TABLES = {
     "Chen2020_OKDDip": ["okddip_cifar100"],
     "Yun2020_CSKD": ["cs_kd_cifar100"],
     "Zhang2019_BYOT": ["byot_cifar100", "byot_cifar100_resnet50"],  # the exits' cells are the runs' head rows
-    "Bagherinezhad2018_LabelRefinery": [],  # ImageNet cells only (label_refinery_cifar100 runs the generations)
+    "Bagherinezhad2018_LabelRefinery": ["label_refinery_imagenet"],
     "Lee2019_MHGD": ["mhgd_cifar100"],
     "Shen2021_NetGraft": ["netgraft_cifar10", "netgraft_cifar10_5shot", "netgraft_cifar10_1shot", "netgraft_cifar100",
                           "netgraft_cifar100_5shot", "netgraft_cifar100_1shot"],
     "Liu2019_IRG": ["irg_cifar10_kdzoo", "irg_cifar100_kdzoo"],
-    "Zhang2020_PAD": [],  # ImageNet cells only (torchdistill's reproduction; the paper's CIFAR-100 tables not transcribed)
+    "Zhang2020_PAD": ["pad_imagenet"],  # torchdistill's two-stage reproduction; pad_imagenet is one stage
     "Chen2019_DAFL": ["dafl_mnist", "dafl_cifar10", "dafl_cifar100"],
     "Fang2019_DFAD": ["dfad_mnist", "dfad_cifar10", "dfad_cifar100"],
     "Wang2023_ND": ["nd_cifar100", "nd_imagenet"],
