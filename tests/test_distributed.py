@@ -181,3 +181,37 @@ def test_the_shipped_slurm_config_runs_one_process_per_gpu_and_requeues_on_timeo
                               return_hydra_config=True).hydra.launcher
     assert launcher._target_.endswith("SlurmLauncher") and launcher.tasks_per_node == 4
     assert launcher.max_num_timeout > 0  # a requeued job resumes from its epoch checkpoint (trainer.resume)
+
+
+FAILS_ON_RANK1 = '''
+import os
+from kdbench.distill import register_method
+from kdbench.methods.vanilla import Vanilla
+
+
+@register_method("fails_on_rank1")
+class FailsOnRank1(Vanilla):
+    def terms(self, batch, student, teacher):
+        if os.environ["RANK"] == "1":
+            raise RuntimeError("rank 1 broke in its first step")
+        return super().terms(batch, student, teacher)
+
+
+from kdbench.cli import main
+main()
+'''
+
+
+@pytest.mark.slow  # ~20 s: two torchrun processes
+def test_a_rank_that_fails_fails_the_job_and_rank_0_records_that_ranks_error(tmp_path):
+    script = tmp_path / "fails_on_rank1.py"
+    script.write_text(FAILS_ON_RANK1)
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          str(script), "method=vanilla", "method.name=fails_on_rank1", "seed=1", "trainer.epochs=2",
+                          "trainer.progress=false"], capture_output=True, text=True, env=_env(tmp_path / "ddp"),
+                         cwd=tmp_path, timeout=600)
+    assert ddp.returncode != 0
+    (record,) = _records(tmp_path / "ddp")  # one record, rank 0's
+    assert record["status"] == "failed"
+    assert record["error"].startswith("rank 1: RuntimeError: rank 1 broke in its first step"), record["error"]
+    assert list((tmp_path / "ddp").rglob("failed_rank1.json"))

@@ -32,7 +32,10 @@ JOBS = {
     "imagenet_r34_r18": 21, "imagenet_r50_mv1": 21, "dot_imagenet": 2, "at_imagenet": 2, "crd_imagenet": 2,
     "ofd_imagenet": 1, "imagenet_teachers": 2, "dist_imagenet": 8, "ctkd_imagenet": 4, "nkd_imagenet": 2,
     "uskd_imagenet": 4, "wsld_imagenet": 2, "ttm_imagenet": 2, "nd_imagenet": 3, "srd_imagenet": 1,
+    "label_refinery_imagenet": 6, "pad_imagenet": 1,
 }
+# experiments that train their teacher into the store (the others distil from torchvision's pretrained weights)
+STORE_TEACHERS = {"label_refinery_imagenet": 1}  # the refinery: a ResNet-50 trained with standard labels
 IMAGENET_MODELS = ("tv_resnet18", "tv_resnet34", "tv_resnet50", "mobilenet_v1", "tv_mobilenet_v2")
 
 
@@ -92,14 +95,18 @@ def test_each_imagenet_job_builds_its_method_on_the_real_pair(experiment, imagen
         assert set(method.student_taps) <= set(pair.student_shapes), (experiment, job.labels)
         if pair.teacher is not None and method.needs_teacher:
             assert set(method.teacher_taps) <= set(pair.teacher_shapes), (experiment, job.labels)
-            assert job.teacher.pretrained == "IMAGENET1K_V1" and job.teacher.job is None  # no teacher trained
+            if experiment in STORE_TEACHERS:  # the teacher is trained into the store by a vanilla job
+                assert job.teacher.pretrained is None and job.teacher.job.labels["method"] == "vanilla"
+            else:
+                assert job.teacher.pretrained == "IMAGENET1K_V1" and job.teacher.job is None  # no teacher trained
     assert seen
 
 
 @pytest.mark.parametrize("experiment", sorted(JOBS))
 def test_imagenet_dry_run_plans_each_job_with_a_cost_and_touches_no_data(experiment):
     """What `kdbench experiment=<x> dry_run=true` prints per job: ImageNet's 1,281,167 training images, the
-    epochs, FLOPs > 0 and a pretrained teacher (none trained first), planned with no data directory."""
+    epochs, FLOPs > 0 and a pretrained teacher (none trained first; Label Refinery's is trained into the store), planned
+    with no data directory."""
     assert not NO_DATA.exists()
     assert len(combos(experiment)) == JOBS[experiment]
     plans = [plan_job(job_of(*o, f"paths.data_dir={NO_DATA}")) for o in combos(experiment, seeds=False)]
@@ -107,6 +114,9 @@ def test_imagenet_dry_run_plans_each_job_with_a_cost_and_touches_no_data(experim
         assert plan["labels"]["dataset"] == "imagenet" and plan["samples"] == IMAGENET_TRAIN
         assert plan["flops"] > 0 and plan["epochs"] >= 100
         for teacher in plan["teachers"]:
+            if experiment in STORE_TEACHERS:
+                assert teacher["source"] == "train" and not teacher.get("weights")  # not in the store yet: trained first
+                continue
             assert teacher["source"] == "pretrained" and teacher["weights"] == "IMAGENET1K_V1"
             assert not teacher["cached"]  # augmented inputs: the teacher runs every epoch
     assert not NO_DATA.exists()
@@ -121,7 +131,8 @@ def test_cli_imagenet_dry_run_lists_the_jobs_with_no_data(experiment, tmp_path):
     out = subprocess.run([*KDBENCH, f"experiment={experiment}", "dry_run=true"], capture_output=True, text=True,
                          cwd=tmp_path, env=env, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert f"dry run: {JOBS[experiment]} jobs, 0 teacher(s) to train first, total " in out.stdout
+    trained = STORE_TEACHERS.get(experiment, 0)
+    assert f"dry run: {JOBS[experiment]} jobs, {trained} teacher(s) to train first, total " in out.stdout
     assert out.stdout.count(" imagenet | ") == JOBS[experiment]
     assert not (tmp_path / "no-data").exists() and not list(tmp_path.rglob("metrics.json"))
 

@@ -764,7 +764,7 @@ def cs_kd_views(pair, method, batch, s_out, t_out):
 
 EXTRA_VIEWS = {"mlkd": mlkd_views, "kd_avg": multi_teacher_view, "ae_kd": multi_teacher_view, "cs_kd": cs_kd_views}
 # Logged terms that do not involve the teacher (the strong view's CE, a learned temperature)
-TEACHER_FREE_TERMS = {"mlkd": {"ce_strong"}, "ctkd": {"temperature"},
+TEACHER_FREE_TERMS = {"mlkd": {"ce_strong"}, "ctkd": {"temperature"}, "ctkd_in1k": {"temperature"},
                       # MEAL's fresh logit discriminator (10 -> 5 -> 2 -> 2, a ReLU after every layer as the repo's)
                       # scores the untrained nets' near-zero logits all 0, whatever the teacher: its BCE is log 2 here.
                       # tests/methods/test_meal.py checks the teacher dependence on a discriminator that responds.
@@ -775,7 +775,6 @@ TEACHER_FREE_TERMS = {"mlkd": {"ce_strong"}, "ctkd": {"temperature"},
 # Methods whose term_weights scale every weight by a constant of the built method: multi_exit's global_scale
 # (train_cifar.py: 2 * 5 / n_exits; resnet8 has 2 early exits + its own classifier)
 WEIGHT_SCALE = {"multi_exit": 10 / 3}
-TEACHER_FREE_TERMS = {"mlkd": {"ce_strong"}, "ctkd": {"temperature"}, "ctkd_in1k": {"temperature"}}
 
 
 def ramp(name: str, term: str, epoch: int) -> float:

@@ -64,7 +64,7 @@ def test_list_gives_one_described_line_per_choice_and_filters_like_timm(capsys):
     assert set(names) == {m for m in list_models() if m.lower().startswith("resnet")}
     assert "CIFAR ResNet depth 56" in text
     code, text = _list(capsys, "experiments", "crd")
-    assert [line.split()[0] for line in text.splitlines()] == ["crd_cifar100_cross", "crd_cifar100_same"]
+    assert [line.split()[0] for line in text.splitlines()] == ["crd_cifar100_cross", "crd_cifar100_same", "crd_imagenet"]
     assert header_sentence(CONF_DIR / "experiment" / "crd_cifar100_same.yaml")[:40] in text
     code, text = _list(capsys, "datasets")
     assert "digits " in text and "scikit-learn's bundled 8x8 digits" in text

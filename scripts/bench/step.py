@@ -114,7 +114,7 @@ def kdbench_loop(steps: int, device: torch.device, precision: str, compile_: boo
     """images/s of kdbench's KD epoch over (steps + 5) batches, the first 5 untimed."""
     from kdbench.data import prepare_data  # noqa: F401  (registers datasets)
     from kdbench.job import ObtainedTeachers, Trainee, prepare, resolve
-    from kdbench.config import compose
+    from kdbench.api import compose
     from kdbench.loggers import create_logger
     from kdbench.distill import Options
     from kdbench.models import create_model
@@ -128,8 +128,8 @@ def kdbench_loop(steps: int, device: torch.device, precision: str, compile_: boo
                  "dataset.test_size=64", f"trainer.batch_size={BATCH}", "trainer.epochs=1", "trainer.progress=false",
                  f"trainer.precision={precision}", f"trainer.compile={str(compile_).lower()}",
                  f"trainer.device={device.type}", "teacher=resnet32x4", f"teacher.checkpoint={ckpt}",
-                 "student=resnet8x4", "method=kd", "method.weights.ce=0.1", "method.weights.kd=0.9",
-                 f"trainer.channels_last={str(channels_last).lower()}", f"paths.root={workdir}"]
+                 "student=resnet8x4", "method=kd", "logger=none", "method.weights.ce=0.1", "method.weights.kd=0.9",
+                 f"trainer.channels_last={str(channels_last).lower()}", f"paths.root={workdir}", "trainer.teacher_view_cache=off"]
     job = resolve(compose(overrides), overrides)
     device_, data = prepare(job)
     from kdbench.job import obtain_teacher
