@@ -32,8 +32,9 @@ from kdbench.job import (Job, ObtainedTeachers, Trainee, check_pair, finished_re
 from kdbench.teachers import TeacherOutputs, cache_bytes, cache_is_exact
 from kdbench.train import autocast, fit_cohort
 
-# Trainer settings a cohort's members may differ in (they change nothing the members share).
-MEMBER_TRAINER_KEYS = ("progress", "resume", "compile")
+# Trainer settings a cohort's members may differ in (they change nothing the members share; not `compile`, which
+# compiles the shared teacher too).
+MEMBER_TRAINER_KEYS = ("progress", "resume")
 
 
 def alone_reason(job: Job) -> Optional[str]:
@@ -155,6 +156,8 @@ def _shared_outputs(trainees: Sequence[Trainee], teachers: ObtainedTeachers, dat
         if trainer.teacher_cache and needs.teacher_cache and exact and fits:
             base.build_cache(data.train_loader, lambda: autocast(device, trainer.precision))
         base.view_cache, info = teacher_view_cache(job, needs, data, device, teacher, teachers.sources[k])
+        if trainer.compile and needs.teacher_cache:
+            base.compile_forward()  # as Trainee.own_teacher_outputs (trainer.compile is part of the cohort key)
         if k == 0:
             for t in trainees:
                 t.record.update(teacher_view_cache=info)

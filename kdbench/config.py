@@ -147,7 +147,7 @@ class TrainerConfig:
     eval_batch_size: int = 256
     device: Device = Device.auto  # auto | cpu | mps | cuda | cuda:N
     precision: Precision = Precision.fp32  # fp32 | bf16 (autocast) | fp16 (autocast + gradient scaler)
-    compile: bool = False  # torch.compile the student
+    compile: bool = False  # torch.compile the student, and the forward of a frozen eval-mode teacher (with freezing)
     deterministic: bool = False  # torch.use_deterministic_algorithms, cudnn.benchmark off
     data_on_device: bool = True  # keep the dataset on the device; false streams it through a DataLoader
     num_workers: int = 0  # DataLoader workers when data_on_device is false

@@ -497,6 +497,8 @@ class Trainee:
                 out.build_cache(loader, lambda: autocast(self.device, tr.precision))
             out.view_cache, info = teacher_view_cache(self.job, method, self.data, self.device, teacher,
                                                       self.sources[k], self.w)
+            if tr.compile and method.teacher_cache and not method.teacher_train_mode:
+                out.compile_forward()  # a pure function of its input (what the caches require): weights frozen in
             if k == 0:
                 self.record.update(teacher_view_cache=info)
             outputs.append(out)

@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 
@@ -135,6 +135,7 @@ class TeacherOutputs:
         self.train_mode = train_mode
         self.cache: Optional[dict[str, torch.Tensor]] = None
         self.view_cache = None  # kdbench.viewcache.ViewCache: the logits of every augmented view, from the store
+        self.compiled: Optional[Callable] = None  # the forward torch.compile'd with freezing (compile_forward)
 
     @property
     def cached(self) -> bool:
@@ -161,9 +162,18 @@ class TeacherOutputs:
                 outputs[name][batch.indices] = out[name]
         self.cache = outputs
 
+    def compile_forward(self) -> None:
+        """torch.compile the live forward with inductor's `freezing`: the weights become constants, so BatchNorm is
+        folded into the convolutions and weights are prepacked (about 1.4x a resnet32x4 forward on a CPU; outputs
+        equal to float rounding). Only for a teacher that nothing changes (eval mode, frozen: the condition under
+        which its outputs may be cached at all), which freezing assumes."""
+        if self.train_mode:
+            raise ValueError("a teacher in train mode cannot be compiled with frozen weights")
+        self.compiled = torch.compile(self.model.forward_taps, options={"freezing": True})
+
     def _forward(self, inputs: torch.Tensor) -> dict[str, torch.Tensor]:
         with torch.no_grad():
-            return self.model.forward_taps(inputs, self.taps)
+            return (self.compiled or self.model.forward_taps)(inputs, self.taps)
 
     def __call__(self, batch) -> dict[str, torch.Tensor]:
         if self.cache is not None:

@@ -5,9 +5,10 @@
 The jobs: the 13 methods of the CRD CIFAR-100 table (kd, fitnet, at, sp, cc, vid, rkd, pkt, ab, ft, fsp, nst, crd)
 on resnet32x4 -> resnet8x4, plus KD on the cross-architecture student ShuffleV2 (one cohort may mix students), on
 synthetic CIFAR-100-shaped data (dataset=synthetic: 100 classes, 32x32, crop + flip), batch 64, the CIFAR-100 recipe,
-one seed. The teacher is a resnet32x4 with random weights from a checkpoint (throughput does not depend on what the
-weights are). The pre-training stages of ab, ft and fsp are set to 0 epochs on both sides (a stage trains one member
-alone in either case; the comparison is the main loop), and the view cache is off on both sides.
+one seed, lr 0.01 (a random teacher on random images makes CC diverge at 0.05; the lr changes no cost). The
+teacher is a resnet32x4 with random weights from a checkpoint (throughput does not depend on what the weights are).
+The pre-training stages of ab, ft and fsp are set to 0 epochs on both sides (a stage trains one member alone in
+either case; the comparison is the main loop), and the view cache is off on both sides.
   sequential  kdbench.job.run of each job in turn (each draws its batches and runs its teacher forward)
   cohort      kdbench.cohort.run_cohort of all the jobs (batches drawn once, one teacher forward per batch)
 Reported: seconds per side (mean ± std, n), the ratio cohort / sequential, and the FLOP model's expected ratio
@@ -39,7 +40,7 @@ def jobs(workdir: Path, batches: int, epochs: int, device: str, teacher_ckpt: Pa
 
     base = ["dataset=synthetic", f"dataset.train_size={BATCH * batches}", "dataset.test_size=128",
             "recipe=cifar100", f"trainer.epochs={epochs}", f"trainer.batch_size={BATCH}", "trainer.progress=false",
-            f"trainer.device={device}", "trainer.teacher_view_cache=off", "teacher=resnet32x4",
+            f"trainer.device={device}", "trainer.teacher_view_cache=off", "optim.lr=0.01", "teacher=resnet32x4",
             f"teacher.checkpoint={teacher_ckpt}", "logger=none", "seed=1", f"paths.root={workdir}"]
     members = [(m, ["student=resnet8x4", f"method={m}"] + (["method.stage_epochs=0"] if m in ("ab", "ft", "fsp")
                                                             else [])) for m in CRD_TABLE]
