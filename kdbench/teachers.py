@@ -164,7 +164,7 @@ class TeacherOutputs:
 
     def compile_forward(self) -> None:
         """torch.compile the live forward with inductor's `freezing`: the weights become constants, so BatchNorm is
-        folded into the convolutions and weights are prepacked (about 1.4x a resnet32x4 forward on a CPU; outputs
+        folded into the convolutions and weights are prepacked (outputs
         equal to float rounding). Only for a teacher that nothing changes (eval mode, frozen: the condition under
         which its outputs may be cached at all), which freezing assumes."""
         if self.train_mode:
