@@ -271,7 +271,8 @@ def test_every_method_trains_or_refuses_the_cross_architecture_pair(run_job, cro
     teacher, student = CROSS_ARCH_PAIR.get(method, ("vgg13", "MobileNetV2"))
     overrides = [*TINY_SYNTHETIC, f"teacher={teacher}", f"student={student}", f"method={method}",
                  f"teacher.checkpoint={cross_arch_checkpoints[teacher]}", *STAGE_OPTIONS.get(method, [])]
-    if method_class(method).multi_teacher:  # kd_avg, ae_kd, meal: an ensemble of the pair's two architectures
+    class_name = {"crd_kd": "crd", "ban": "tf_kd_self"}.get(method, method)  # config names of another class's
+    if method_class(class_name).multi_teacher:  # kd_avg, ae_kd, meal: an ensemble of the pair's two architectures
         overrides = [o for o in overrides if not o.startswith("teacher")] + [
             f"+teacher@teachers.a={teacher}", f"teachers.a.checkpoint={cross_arch_checkpoints[teacher]}",
             "+teacher@teachers.b=MobileNetV2", f"teachers.b.checkpoint={cross_arch_checkpoints['MobileNetV2']}"]
