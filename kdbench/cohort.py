@@ -29,7 +29,7 @@ from kdbench.distill import Method, method_class
 from kdbench.io import config_hash
 from kdbench.job import (Job, ObtainedTeachers, Trainee, check_pair, finished_record, job_logger, obtain_teachers,
                          prepare, start_record, teacher_view_cache)
-from kdbench.teachers import TeacherOutputs, cache_bytes, cache_is_exact
+from kdbench.teachers import TeacherOutputs, cache_bytes, cache_is_exact, outputs_are_pure
 from kdbench.train import autocast, fit_cohort
 
 # Trainer settings a cohort's members may differ in (they change nothing the members share; not `compile`, which
@@ -156,7 +156,7 @@ def _shared_outputs(trainees: Sequence[Trainee], teachers: ObtainedTeachers, dat
         if trainer.teacher_cache and needs.teacher_cache and exact and fits:
             base.build_cache(data.train_loader, lambda: autocast(device, trainer.precision))
         base.view_cache, info = teacher_view_cache(job, needs, data, device, teacher, teachers.sources[k])
-        if trainer.compile and needs.teacher_cache:
+        if trainer.compile and outputs_are_pure(needs):
             base.compile_forward()  # as Trainee.own_teacher_outputs (trainer.compile is part of the cohort key)
         if k == 0:
             for t in trainees:

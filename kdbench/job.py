@@ -40,7 +40,8 @@ from kdbench.models import TapModel, count_parameters, create_model, load_refere
 from kdbench.optim import build_step, constant_sgd_step, lr_at
 from kdbench.record import RECORD_FILE, RunRecord, read_record
 from kdbench import viewcache
-from kdbench.teachers import ANCHORS_DIR, StoreEntry, TeacherOutputs, TeacherStore, cache_bytes, cache_is_exact
+from kdbench.teachers import (ANCHORS_DIR, StoreEntry, TeacherOutputs, TeacherStore, cache_bytes, cache_is_exact,
+                              outputs_are_pure)
 from kdbench.train import (Member, Run, autocast, configure_determinism, evaluate, fit, resolve_device,
                            summary)
 
@@ -497,8 +498,8 @@ class Trainee:
                 out.build_cache(loader, lambda: autocast(self.device, tr.precision))
             out.view_cache, info = teacher_view_cache(self.job, method, self.data, self.device, teacher,
                                                       self.sources[k], self.w)
-            if tr.compile and method.teacher_cache and not method.teacher_train_mode:
-                out.compile_forward()  # a pure function of its input (what the caches require): weights frozen in
+            if tr.compile and outputs_are_pure(method):
+                out.compile_forward()
             if k == 0:
                 self.record.update(teacher_view_cache=info)
             outputs.append(out)

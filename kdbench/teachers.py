@@ -120,6 +120,13 @@ def cache_is_exact(augmented: bool, train_mode: bool) -> bool:
     return not augmented and not train_mode
 
 
+def outputs_are_pure(method) -> bool:
+    """Whether a method's teacher outputs are a function of the loader's batch alone: the teacher in eval mode, and
+    called on the batches the loader draws (not on views of the method's own). Then they may be cached, or computed
+    by a forward with the teacher's weights frozen in (TeacherOutputs.compile_forward)."""
+    return bool(method.teacher_cache) and not method.teacher_train_mode
+
+
 def cache_bytes(shapes: dict[str, tuple[int, ...]], taps, num_samples: int) -> int:
     """fp32 bytes of the cached outputs (the taps and the logits) for every training sample."""
     return 4 * num_samples * sum(math.prod(shapes[t]) for t in {*taps, "logits"})

@@ -32,6 +32,7 @@ import torch
 
 from kdbench.errors import CorruptCheckpoint
 from kdbench.io import config_hash, sha256_file, write_json
+from kdbench.teachers import outputs_are_pure
 
 VIEWS_DIR = "views"
 HIDDEN_DIR = ".views"  # <teacher store>/.views/<file>-<sha>/: caches of teachers loaded from a file (not store entries)
@@ -55,7 +56,7 @@ def applies(method, loader) -> Optional[str]:
     """Why a view cache cannot serve this method and loader (None: it can)."""
     if set(method.teacher_taps) - {"logits"}:
         return f"method {method.method_name} reads teacher features {sorted(set(method.teacher_taps) - {'logits'})}"
-    if method.teacher_train_mode or not method.teacher_cache:
+    if not outputs_are_pure(method):
         return f"method {method.method_name} needs the live teacher"
     if not hasattr(loader, "augment") or getattr(loader, "random_resized", False):
         return "the views of this data (random-resized crops) cannot be enumerated"

@@ -26,20 +26,17 @@ import torch
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
+from common import job_of, random_teacher  # noqa: E402  (scripts/bench/common.py)
 
 BATCH = 64
 
 
 def job(workdir: Path, samples: int, epochs: int, device: str, ckpt: Path, mode: str, seed: int):
-    from kdbench.api import compose
-    from kdbench.job import resolve
-
-    overrides = ["dataset=synthetic", f"dataset.train_size={samples}", "dataset.test_size=16", "recipe=cifar100",
-                 f"trainer.epochs={epochs}", f"trainer.batch_size={BATCH}", "trainer.progress=false",
-                 f"trainer.device={device}", f"trainer.teacher_view_cache={mode}", "teacher=resnet32x4",
-                 f"teacher.checkpoint={ckpt}", "student=resnet8x4", "method=kd", "logger=none", f"seed={seed}",
-                 f"paths.root={workdir}"]
-    return resolve(compose(overrides), tuple(overrides))
+    return job_of(["dataset=synthetic", f"dataset.train_size={samples}", "dataset.test_size=16", "recipe=cifar100",
+                   f"trainer.epochs={epochs}", f"trainer.batch_size={BATCH}", "trainer.progress=false",
+                   f"trainer.device={device}", f"trainer.teacher_view_cache={mode}", "teacher=resnet32x4",
+                   f"teacher.checkpoint={ckpt}", "student=resnet8x4", "method=kd", "logger=none", f"seed={seed}",
+                   f"paths.root={workdir}"])
 
 
 def main() -> None:
@@ -51,16 +48,13 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="also write the results as JSON here")
     args = parser.parse_args()
     from kdbench.job import run
-    from kdbench.models import create_model
 
     print(f"device={args.device} torch={torch.__version__} threads={torch.get_num_threads()} samples={args.samples} "
           f"batch={BATCH} epochs={args.epochs} repeats={args.repeats}", flush=True)
     per_image = {"live": [], "cached": []}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        torch.manual_seed(0)
-        ckpt = tmp / "resnet32x4.pt"
-        torch.save({"model": create_model("resnet32x4", num_classes=100, input_shape=(3, 32, 32)).state_dict()}, ckpt)
+        ckpt = random_teacher(tmp)
         built = run(job(tmp, args.samples, 1, args.device, ckpt, "build", seed=100), tmp / "build")
         info = built["teacher_view_cache"]
         assert info["state"] == "built", info

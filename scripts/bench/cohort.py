@@ -29,15 +29,13 @@ import torch
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
+from common import job_of, random_teacher  # noqa: E402  (scripts/bench/common.py)
 
 CRD_TABLE = ["kd", "fitnet", "at", "sp", "cc", "vid", "rkd", "pkt", "ab", "ft", "fsp", "nst", "crd"]
 BATCH = 64
 
 
 def jobs(workdir: Path, batches: int, epochs: int, device: str, teacher_ckpt: Path):
-    from kdbench.api import compose
-    from kdbench.job import resolve
-
     base = ["dataset=synthetic", f"dataset.train_size={BATCH * batches}", "dataset.test_size=128",
             "recipe=cifar100", f"trainer.epochs={epochs}", f"trainer.batch_size={BATCH}", "trainer.progress=false",
             f"trainer.device={device}", "trainer.teacher_view_cache=off", "optim.lr=0.01", "teacher=resnet32x4",
@@ -45,11 +43,7 @@ def jobs(workdir: Path, batches: int, epochs: int, device: str, teacher_ckpt: Pa
     members = [(m, ["student=resnet8x4", f"method={m}"] + (["method.stage_epochs=0"] if m in ("ab", "ft", "fsp")
                                                             else [])) for m in CRD_TABLE]
     members.append(("kd ShuffleV2", ["student=ShuffleV2", "method=kd"]))
-    out = []
-    for name, extra in members:
-        overrides = base + extra
-        out.append((name, resolve(compose(overrides), tuple(overrides))))
-    return out
+    return [(name, job_of(base + extra)) for name, extra in members]
 
 
 def main() -> None:
@@ -62,7 +56,6 @@ def main() -> None:
     args = parser.parse_args()
     from kdbench.cohort import group, run_cohort
     from kdbench.job import run
-    from kdbench.models import create_model
     from kdbench.plan import _forward_flops
 
     print(f"device={args.device} torch={torch.__version__} threads={torch.get_num_threads()} batches={args.batches} "
@@ -70,9 +63,7 @@ def main() -> None:
     times = {"sequential": [], "cohort": []}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        torch.manual_seed(0)
-        ckpt = tmp / "resnet32x4.pt"
-        torch.save({"model": create_model("resnet32x4", num_classes=100, input_shape=(3, 32, 32)).state_dict()}, ckpt)
+        ckpt = random_teacher(tmp)
         for r in range(args.repeats):
             for side in ("sequential", "cohort"):  # interleaved: drift in the machine's load hits both alike
                 work = tmp / f"{side}{r}"

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
+from common import job_of, random_teacher  # noqa: E402  (scripts/bench/common.py)
 
 BATCH, CLASSES, T = 64, 100, 4.0
 MEAN, STD = (0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)
@@ -113,24 +114,21 @@ def kdbench_loop(steps: int, device: torch.device, precision: str, compile_: boo
                  workdir: Path) -> float:
     """images/s of kdbench's KD epoch over (steps + 5) batches, the first 5 untimed."""
     from kdbench.data import prepare_data  # noqa: F401  (registers datasets)
-    from kdbench.job import ObtainedTeachers, Trainee, prepare, resolve
-    from kdbench.api import compose
+    from kdbench.job import ObtainedTeachers, Trainee, prepare
     from kdbench.loggers import create_logger
     from kdbench.distill import Options
-    from kdbench.models import create_model
     from kdbench.record import RunRecord
     from kdbench.train import begin_epoch, end_epoch, epoch_seed, train_batch
 
-    torch.manual_seed(0)
-    ckpt = workdir / "teacher.pt"
-    torch.save({"model": create_model("resnet32x4", num_classes=CLASSES, input_shape=(3, 32, 32)).state_dict()}, ckpt)
+    ckpt = random_teacher(workdir, classes=CLASSES)
     overrides = ["dataset=synthetic", f"dataset.num_classes={CLASSES}", f"dataset.train_size={BATCH * (steps + 5)}",
                  "dataset.test_size=64", f"trainer.batch_size={BATCH}", "trainer.epochs=1", "trainer.progress=false",
                  f"trainer.precision={precision}", f"trainer.compile={str(compile_).lower()}",
                  f"trainer.device={device.type}", "teacher=resnet32x4", f"teacher.checkpoint={ckpt}",
                  "student=resnet8x4", "method=kd", "logger=none", "method.weights.ce=0.1", "method.weights.kd=0.9",
-                 f"trainer.channels_last={str(channels_last).lower()}", f"paths.root={workdir}", "trainer.teacher_view_cache=off"]
-    job = resolve(compose(overrides), overrides)
+                 f"trainer.channels_last={str(channels_last).lower()}", f"paths.root={workdir}",
+                 "trainer.teacher_view_cache=off"]
+    job = job_of(overrides)
     device_, data = prepare(job)
     from kdbench.job import obtain_teacher
 

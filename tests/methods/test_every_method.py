@@ -12,6 +12,7 @@ from kdbench.distill import create_method, list_methods, method_class
 from kdbench.errors import IncompatibleModels
 from kdbench.models import count_parameters, create_model
 from tests.conftest import REPO, TINY_SYNTHETIC, compose_config, make_batch, make_pair
+from tests.methods.datafree_helpers import TINY
 from tests.helpers import assert_no_teacher_grad, forward, method_options
 
 # The seed papers' methods (issue 4) and the RepDistiller/mdistiller benchmark feature methods.
@@ -249,7 +250,9 @@ STAGE_OPTIONS = {"ab": ["method.stage_epochs=1"], "fsp": ["method.stage_epochs=1
                  "itrd": ["method.std_eps=1e-6"],
                  "tofd": ["method.stage_epochs=1"],
                  # a checkpoint teacher keeps no training route: RCO distils from it alone
-                 "rco": ["method.require_anchors=false"]}
+                 "rco": ["method.require_anchors=false"],
+                 # the data-free methods' epochs are their own iterations of generated batches: tiny ones here
+                 **TINY}
 CROSS_ARCH_PAIR = {"tf_kd_self": ("MobileNetV2", "MobileNetV2"), "ban": ("MobileNetV2", "MobileNetV2")}
 
 
