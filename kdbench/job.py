@@ -549,7 +549,7 @@ class Trainee:
         history: list[dict] = []
         start = 1
         if state is not None and state["epoch"] > 0:
-            policy.optimizer.load_state_dict(state["optimizer"])
+            policy.load_state_dict(state)
             history, start = list(state["history"]), state["epoch"] + 1
             # a finished run launched again keeps its results
             record.update(history=history, last_class_errors=state.get("class_errors"), **summary(history))
@@ -589,8 +589,7 @@ class Trainee:
                 save_torch(self.out_dir / ANCHORS_DIR / f"epoch{entry['epoch']}.pt",
                            {"model": student.state_dict(), "epoch": entry["epoch"]})
             self._save({"epoch": entry["epoch"], "stages_done": self.stages_done, "student": student.state_dict(),
-                        "method": method.state_dict(), "optimizer": policy.optimizer.state_dict(),
-                        "history": history, "class_errors": ev.class_errors, "config_hash": job.key})
+                        "method": method.state_dict(), **policy.state_dict(), "history": history, "class_errors": ev.class_errors, "config_hash": job.key})
             # record_fields again: facts a method measures while it trains (weights it chose, draws) reach the record
             record.update(history=history, last_class_errors=ev.class_errors, **summary(history),
                           **method.record_fields())

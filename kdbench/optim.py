@@ -110,6 +110,17 @@ class StepPolicy:
         self.scaler = scaler
         self.world = world
 
+    def state_dict(self) -> dict:
+        """What a checkpoint keeps of the policy: the optimizer's state and, under fp16, the gradient scaler's (its
+        current scale and clean-step count: a resumed run must skip and rescale exactly as an uninterrupted one)."""
+        return {"optimizer": self.optimizer.state_dict(),
+                "grad_scaler": self.scaler.state_dict() if self.scaler is not None else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scaler is not None and state.get("grad_scaler"):
+            self.scaler.load_state_dict(state["grad_scaler"])
+
     def set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:
             group["lr"] = lr

@@ -29,10 +29,14 @@ def test_record_contents(run_job):
     assert rec["teacher_top1"] > 50 and rec["config_hash"]
 
 
-def test_interrupted_run_resumes_to_the_same_final_metrics(run_job, monkeypatch, tmp_path):
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_interrupted_run_resumes_to_the_same_final_metrics(run_job, monkeypatch, tmp_path, precision):
+    """fp16: the gradient scaler's scale and skip history are part of the checkpoint, so the resumed run skips and
+    rescales as the uninterrupted one does."""
     import kdbench.job as job
 
-    reference = run_job(*DIGITS_FAST, "method=kd", name="straight")
+    opts = [*DIGITS_FAST, f"trainer.precision={precision}"]
+    reference = run_job(*opts, "method=kd", name="straight")
     real_evaluate, calls = job.evaluate, {"n": 0}
 
     def interrupt_in_epoch_2(model, loader, precision="fp32", logits_of=None):
@@ -43,15 +47,15 @@ def test_interrupted_run_resumes_to_the_same_final_metrics(run_job, monkeypatch,
 
     monkeypatch.setattr(job, "evaluate", interrupt_in_epoch_2)
     with pytest.raises(KeyboardInterrupt):
-        run_job(*DIGITS_FAST, "method=kd", name="resumed")
+        run_job(*opts, "method=kd", name="resumed")
     partial = json.loads((tmp_path / "resumed" / "metrics.json").read_text())
     assert partial["status"] == "interrupted" and len(partial["history"]) == 1
     monkeypatch.setattr(job, "evaluate", real_evaluate)
-    resumed = run_job(*DIGITS_FAST, "method=kd", name="resumed")
+    resumed = run_job(*opts, "method=kd", name="resumed")
     assert [h["test_top1"] for h in resumed["history"]] == [h["test_top1"] for h in reference["history"]]
     assert [h["train"] for h in resumed["history"]] == [h["train"] for h in reference["history"]]
     # launching a finished job again (e.g. a whole sweep re-run to finish its stragglers) keeps its results
-    again = run_job(*DIGITS_FAST, "method=kd", name="resumed")
+    again = run_job(*opts, "method=kd", name="resumed")
     assert again["status"] == "completed" and again["history"] == resumed["history"]
     assert again["last_top1"] == resumed["last_top1"] and again["last_class_errors"] == resumed["last_class_errors"]
 
