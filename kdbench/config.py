@@ -188,13 +188,21 @@ def _value(option) -> str:
 
 
 @dataclass
-class StudentConfig:
+class NetworkConfig:
     model: Dict[str, Any] = MISSING  # {name: <registered model>, **its keyword arguments}
     label: str = MISSING  # the name leaderboards show
 
 
 @dataclass
-class TeacherConfig(StudentConfig):
+class StudentConfig(NetworkConfig):
+    # a weights file the student starts from instead of its seeded initialisation: a kdbench run's checkpoint.pt
+    # (its student), a RepDistiller/mdistiller checkpoint or a bare state dict. For two-stage protocols (a first
+    # stage's student distilled again, e.g. torchdistill's PAD) and fine-tuning; its sha256 goes into the record.
+    init: Optional[str] = None
+
+
+@dataclass
+class TeacherConfig(NetworkConfig):
     checkpoint: Optional[str] = None  # a weights file (kdbench or RepDistiller/mdistiller format); null = the store
     weights: Optional[str] = None  # torchvision pretrained weights of a tv_* teacher (e.g. IMAGENET1K_V1), local cache
     seed: int = 0  # the seed the stored teacher is trained with

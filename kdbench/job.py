@@ -104,6 +104,7 @@ class Job:
     logger: Options
     recipe_overrides: tuple[str, ...] = ()  # the overrides its teacher's recipe is composed with
     teachers: tuple[TeacherSpec, ...] = ()  # every teacher (several for a multi-teacher method)
+    student_init: Optional[Path] = None  # student.init: the weights file the student starts from
 
     @property
     def teacher_train_mode(self) -> bool:
@@ -187,7 +188,19 @@ def resolve(cfg: DictConfig, overrides: Sequence[str] = (), recipe_overrides: Op
                method=_options(cfg.method), teacher=teachers[0] if teachers else None,
                teacher_store=Path(str(cfg.paths.teacher_store)),
                logger=_options(cfg.logger) if cfg.get("logger") else Options({"name": "none"}),
-               recipe_overrides=recipe_overrides, teachers=teachers)
+               recipe_overrides=recipe_overrides, teachers=teachers, student_init=_student_init(cfg))
+
+
+def _student_init(cfg: DictConfig) -> Optional[Path]:
+    """student.init as a path, checked before anything is trained (a typo must not cost a teacher's training)."""
+    init = cfg.student.get("init")
+    if not init:
+        return None
+    path = Path(str(init)).expanduser()
+    if not path.is_file():
+        raise InvalidSetting(f"student.init={init}: no such file; give the weights file the student starts from (a "
+                             f"kdbench run's checkpoint.pt or a state dict), or drop student.init")
+    return path
 
 
 def _teacher_spec(cfg: DictConfig, node: DictConfig, recipe_overrides: tuple[str, ...]) -> TeacherSpec:
@@ -466,8 +479,14 @@ class Trainee:
         teachers.record_into(record)
         tr = job.trainer
         torch.manual_seed(job.seed)
-        self.student = sync_batchnorm(job.student.build(data.num_classes, data.input_shape), tr.sync_bn, w,
-                                      device).to(device)
+        student = job.student.build(data.num_classes, data.input_shape)
+        if job.student_init is not None:  # after the seeded build, so the method's own modules draw the same numbers
+            if w.main:
+                print(f"kdbench: student {job.student.label}: starting from {job.student_init}", flush=True)
+            load_reference_checkpoint(student, load_torch(job.student_init, "student.init", allow_pickle=True),
+                                      str(job.student_init), job.student.name)
+            record.update(student_init={"path": str(job.student_init), "sha256": sha256_file(job.student_init)})
+        self.student = sync_batchnorm(student, tr.sync_bn, w, device).to(device)
         if tr.channels_last:  # NHWC activations: oneDNN's and cuDNN's faster convolution layouts
             self.student = self.student.to(memory_format=torch.channels_last)
         self.pair = _pair(job, self.student, teachers.models, data.input_shape, data.num_classes, data.train.labels, w)

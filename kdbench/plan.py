@@ -68,6 +68,8 @@ def plan_job(job: Job) -> dict:
     samples, epochs = planned_train_size(ds), int(job.trainer.epochs)
     plan = {"labels": job.labels, "seed": job.seed, "epochs": epochs, "samples": samples,
             "flops": 3 * forward_flops(job.student, ds) * samples * epochs, "teacher": None, "teachers": []}
+    if job.student_init is not None:
+        plan["student_init"] = str(job.student_init)
     cached = teacher_outputs_cached(job)
     view = planned_view_cache(job, samples) if job.teachers else None
     if view is not None:

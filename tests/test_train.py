@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from kdbench.errors import CorruptCheckpoint, IncompatibleModels, NonFiniteLoss, OutputNotWritable
+from kdbench.io import sha256_file
 from kdbench.optim import lr_at
 from tests.conftest import TINY_SYNTHETIC, compose_config, resolve_job
 
@@ -58,6 +59,32 @@ def test_interrupted_run_resumes_to_the_same_final_metrics(run_job, monkeypatch,
     again = run_job(*opts, "method=kd", name="resumed")
     assert again["status"] == "completed" and again["history"] == resumed["history"]
     assert again["last_top1"] == resumed["last_top1"] and again["last_class_errors"] == resumed["last_class_errors"]
+
+
+def test_a_student_starts_from_another_runs_checkpoint_and_the_record_names_it(run_job, tmp_path):
+    """student.init: the second stage of a two-stage protocol. At lr 1e-12 (0 is refused) an epoch's updates are
+    below float32's resolution of the weights, and mlp_32 has no BatchNorm statistics to drift: the started student
+    scores the first run's last student."""
+    first = run_job(*DIGITS_FAST, "method=vanilla", name="stage1")
+    init = tmp_path / "stage1" / "checkpoint.pt"
+    second = run_job(*DIGITS_FAST, "method=vanilla", "trainer.epochs=1", "optim.lr=1e-12", f"student.init={init}",
+                     name="stage2")
+    assert second["history"][0]["test_top1"] == first["last_top1"]
+    assert second["student_init"]["sha256"] == sha256_file(init)
+    fresh = run_job(*DIGITS_FAST, "method=vanilla", "trainer.epochs=1", "optim.lr=1e-12", name="fresh")
+    assert fresh["history"][0]["test_top1"] != first["last_top1"] and "student_init" not in fresh
+
+
+def test_a_missing_or_unfitting_student_init_fails_before_any_training(run_job, tmp_path):
+    from kdbench.errors import InvalidSetting
+
+    with pytest.raises(InvalidSetting, match="student.init=.*no such file"):
+        run_job(*DIGITS_FAST, "method=kd", f"student.init={tmp_path / 'nope.pt'}", name="missing")
+    assert not (tmp_path / "teachers").exists()  # the error came before the teacher was trained
+    other = tmp_path / "other.pt"
+    torch.save({"model": {"w": torch.zeros(3)}}, other)
+    with pytest.raises(IncompatibleModels, match="other.pt"):
+        run_job(*DIGITS_FAST, "method=vanilla", f"student.init={other}", name="unfitting")
 
 
 def test_teacher_is_trained_once_and_verified(run_job, tmp_path):

@@ -24,7 +24,7 @@ from kdbench.errors import CorruptCheckpoint, IncompatibleModels
 #: prefixes a reference state dict may carry that kdbench models do not (DataParallel / DistributedDataParallel)
 STRIP_PREFIXES = ("module.",)
 #: the checkpoint keys that may hold the state dict, in order of preference
-WEIGHT_KEYS = ("model", "state_dict", "net")
+WEIGHT_KEYS = ("model", "state_dict", "net", "student")  # student: a kdbench run checkpoint
 
 
 def reference_state_dict(checkpoint: Mapping) -> dict[str, torch.Tensor]:
