@@ -73,7 +73,9 @@ def _at(s_out, t_out):
 def test_a_pseudo_batch_is_one_generator_step_then_student_steps_on_the_regenerated_images():
     pair, method = _method()
     twin_gen, twin_student = copy.deepcopy(method.generator), copy.deepcopy(pair.student)
-    step = real_step(pair, method, lr=0.1, epoch=2)
+    # lr 0.01: at 0.1 the student's gradient (norm ~28, AT weight 250) makes the second step amplify float rounding
+    # of the first beyond any tolerance on some CPUs (oneDNN picks kernels by ISA); the order of steps is what is tested
+    step = real_step(pair, method, lr=0.01, epoch=2)
     batch = next(iter(method.batches(None, 5)))
     total, terms = method.train_step(batch, step)
 
@@ -102,7 +104,7 @@ def test_a_pseudo_batch_is_one_generator_step_then_student_steps_on_the_regenera
         with torch.no_grad():
             for p in twin_student.parameters():
                 if p.grad is not None:
-                    p -= 0.1 * p.grad
+                    p -= 0.01 * p.grad
     assert_params_equal(pair.student, params(twin_student), rtol=1e-4, atol=1e-5)
     close(total, terms["kl"] + 250 * terms["at"] + terms["adversarial"], tol=1e-5)
     assert all(p.grad is None for p in pair.teacher.parameters())
