@@ -63,11 +63,14 @@ TABLES = {
     "Zhang2020_PAD": ["pad_imagenet"],  # torchdistill's two-stage reproduction; pad_imagenet is one stage
     "Chen2019_DAFL": ["dafl_mnist", "dafl_cifar10", "dafl_cifar100"],
     "Fang2019_DFAD": ["dfad_mnist", "dfad_cifar10", "dfad_cifar100"],
+    "Micaelli2019_ZSKT": ["zskt_cifar10"],  # Figure 2's WRN-40-2 -> WRN-16-1 zero-shot point (Table 1 not read)
+    "Yin2020_DeepInversion": ["deepinversion_cifar10"],  # one second-hand Table 1 cell (ADI)
     "Wang2023_ND": ["nd_cifar100", "nd_imagenet"],
     "Miles2024_SRD": ["srd_cifar100", "srd_imagenet"],
     # the ImageNet tables (conf/experiment/*imagenet*.yaml)
     "Tian2020_CRD_imagenet": ["crd_imagenet", "imagenet_r34_r18"],
     "Heo2019_OFD": ["ofd_imagenet", "imagenet_teachers", "imagenet_r34_r18", "imagenet_r50_mv1"],
+    "Yue2020_MGD": ["mgd_imagenet", "imagenet_teachers", "imagenet_r50_mv1"],
     "Chen2021_ReviewKD": ["imagenet_r34_r18", "imagenet_r50_mv1"],
 }
 # Data sets whose rows a paper CSV may carry before kdbench can run them (no conf/dataset/<name>.yaml yet): their cells

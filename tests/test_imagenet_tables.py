@@ -32,7 +32,7 @@ JOBS = {
     "imagenet_r34_r18": 21, "imagenet_r50_mv1": 21, "dot_imagenet": 2, "at_imagenet": 2, "crd_imagenet": 2,
     "ofd_imagenet": 1, "imagenet_teachers": 2, "dist_imagenet": 8, "ctkd_imagenet": 4, "nkd_imagenet": 2,
     "uskd_imagenet": 4, "wsld_imagenet": 2, "ttm_imagenet": 2, "nd_imagenet": 3, "srd_imagenet": 1,
-    "label_refinery_imagenet": 6, "pad_imagenet": 1,
+    "label_refinery_imagenet": 6, "pad_imagenet": 1, "mgd_imagenet": 1,
 }
 # experiments that train their teacher into the store (the others distil from torchvision's pretrained weights)
 STORE_TEACHERS = {"label_refinery_imagenet": 1}  # the refinery: a ResNet-50 trained with standard labels
@@ -183,6 +183,10 @@ def test_dot_experiment_is_mdistillers_dot_config():
 def test_authors_recipes_of_the_single_paper_experiments():
     ofd = job("experiment=ofd_imagenet", "pair=tv_resnet50-mobilenet_v1")  # lr 0.1 * 0.1^(epoch // 30), 1-indexed: first drop at epoch 30
     assert list(ofd.schedule.milestones) == [29, 59, 89] and ofd.method.levels is None and ofd.teacher_train_mode
+    mgd = job("experiment=mgd_imagenet", "pair=tv_resnet50-mobilenet_v1")  # main_mgd.py --epochs 120 --warmup 1: 130, drops 41/71/91
+    assert (mgd.trainer.epochs, mgd.trainer.batch_size, mgd.optim.lr, mgd.optim.nesterov) == (130, 256, 0.1, True)
+    assert list(mgd.schedule.milestones) == [41, 71, 91] and (mgd.method.reducer, mgd.method.update_freq) == ("amp", 1)
+    assert dict(mgd.method.weights) == {"ce": 1.0, "mgd": 1e-4} and not mgd.teacher_train_mode
     wsld = job("experiment=wsld_imagenet", "pair=tv_resnet34-tv_resnet18")
     assert (wsld.trainer.epochs, wsld.optim.nesterov, wsld.teacher_train_mode) == (101, True, True)
     assert (wsld.method.temperature, dict(wsld.method.weights)) == (2.0, {"ce": 1.0, "wsld": 2.5})
