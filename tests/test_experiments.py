@@ -64,7 +64,7 @@ TABLES = {
     "Chen2019_DAFL": ["dafl_mnist", "dafl_cifar10", "dafl_cifar100"],
     "Fang2019_DFAD": ["dfad_mnist", "dfad_cifar10", "dfad_cifar100"],
     "Micaelli2019_ZSKT": ["zskt_cifar10"],  # Figure 2's WRN-40-2 -> WRN-16-1 zero-shot point (Table 1 not read)
-    "Yin2020_DeepInversion": ["deepinversion_cifar10"],  # one second-hand Table 1 cell (ADI)
+    "Yin2020_DeepInversion": ["deepinversion_cifar10"],  # the teacher only (Table 1 not read)
     "Wang2023_ND": ["nd_cifar100", "nd_imagenet"],
     "Miles2024_SRD": ["srd_cifar100", "srd_imagenet"],
     # the ImageNet tables (conf/experiment/*imagenet*.yaml)
