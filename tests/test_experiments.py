@@ -213,6 +213,17 @@ def test_sweep_names_existing_options(experiment):
         assert len(set(values)) == len(values), f"{experiment}: '{key}' lists a value twice"
 
 
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_an_experiment_that_picks_its_method_also_sweeps_it(experiment):
+    """An experiment's `override /method: m` is replaced by the primary config's sweep axis (vanilla,kd) in a
+    multirun unless the experiment's own sweep names the method too (zskt_cifar10 once ran vanilla and kd)."""
+    text = (Path(CONF_DIR) / "experiment" / f"{experiment}.yaml").read_text()
+    picked = [line.split(":", 1)[1].strip() for line in text.splitlines() if line.strip().startswith("- override /method:")]
+    if picked:
+        assert picked[0] in sweep_axes(experiment)["method"], \
+            f"{experiment} picks method {picked[0]} but its sweep runs {sweep_axes(experiment)['method']}"
+
+
 @pytest.mark.parametrize("experiment", [e for e in EXPERIMENTS if is_large(e)])
 def test_large_sweep_shortcut_matches_full_composition(experiment):
     """jobs()'s shortcut gives the cell that composing the whole job gives (first and last job of the sweep)."""
