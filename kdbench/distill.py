@@ -154,6 +154,11 @@ class Method(nn.Module):
     teacher_cache: bool = True  # False: its teacher outputs come from views of its own (SSKD), never from a cache
     multi_teacher: bool = False  # True: it learns from every teacher of the `teachers` config (pair.teachers)
     task_terms: tuple[str, ...] = ("ce",)  # the terms a step policy that separates them (DOT) treats as the task
+    # Passes per training sample, for the dry run's FLOPs (kdbench.plan), in forwards of the model: the student's
+    # forward + backward is 3; a method that runs it on several views of each sample (SLA's and SSKD's 4 rotations)
+    # or adds a forward without backward (CS-KD's partners) says so; likewise the teacher's forwards per sample.
+    student_passes: float = 3.0
+    teacher_passes: float = 1.0
 
     def __init__(self, cfg, pair: PairInfo):
         super().__init__()

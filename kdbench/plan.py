@@ -31,8 +31,10 @@ from kdbench.teachers import TeacherStore, cache_is_exact
 
 PLAN_FILE = "plan.json"
 FOOTNOTE = ("Estimate: training = 3 x forward FLOPs (torch FlopCounterMode: convolutions and matmuls) per sample "
-            "and epoch; the teacher's forward once per sample when its outputs are cached (no augmentation), else "
-            "every epoch. Not counted: method heads/embeddings and pre-training stages, test-set evaluation, "
+            "and epoch (more where a method passes several views of a sample: SSKD and SLA 4 rotations, CS-KD a "
+            "partner); the teacher's forward once per sample when its outputs are cached (no augmentation), else "
+            "every epoch. Not counted: method heads/embeddings and the networks an online method trains beside the "
+            "student (peers, branches, generators), pre-training stages, test-set evaluation, "
             "whether cached teacher outputs fit in trainer.teacher_cache_gb. exclude_train_classes is approximated "
             "as 1/num_classes of the training set per excluded class.")
 
@@ -66,8 +68,10 @@ def plan_job(job: Job) -> dict:
     when it is not in the store yet). The job's own `flops` leave out teacher training, which sweeps count once."""
     ds = job.dataset
     samples, epochs = planned_train_size(ds), int(job.trainer.epochs)
+    method = method_class(job.method.name)
     plan = {"labels": job.labels, "seed": job.seed, "epochs": epochs, "samples": samples,
-            "flops": 3 * forward_flops(job.student, ds) * samples * epochs, "teacher": None, "teachers": []}
+            "flops": method.student_passes * forward_flops(job.student, ds) * samples * epochs, "teacher": None,
+            "teachers": []}
     if job.student_init is not None:
         plan["student_init"] = str(job.student_init)
     cached = teacher_outputs_cached(job)
@@ -79,7 +83,7 @@ def plan_job(job: Job) -> dict:
         # (built now); else one per epoch
         state = (view or {}).get("state")
         per_sample = 1 if cached else 0 if state == "found" else view["views"] if state == "build" else epochs
-        plan["flops"] += forward_flops(spec.model, ds) * samples * per_sample
+        plan["flops"] += forward_flops(spec.model, ds) * samples * per_sample * method.teacher_passes
         teacher = {"label": spec.model.label, "cached": cached}
         if spec.pretrained is not None:
             teacher.update(source="pretrained", weights=spec.pretrained)

@@ -36,6 +36,17 @@ def test_cifar100_plan_needs_no_data(tmp_path):
     assert list(tmp_path.iterdir()) == []  # neither data nor a teacher store entry was touched
 
 
+def test_methods_that_pass_rotations_or_partners_are_planned_with_those_passes(tmp_path):
+    """SSKD runs student and teacher on 4 rotations of each image (the teacher live: its views are not cached);
+    SLA+SD the student on 4 rotations; CS-KD adds a forward (no backward) of each anchor's partner."""
+    base = ["dataset=cifar100", "teacher=resnet32x4", "student=resnet8x4", f"paths.data_dir={tmp_path / 'none'}"]
+    job = resolve_job([*base, "method=sskd"], tmp_path)
+    student, teacher = forward_flops(job.student, job.dataset), forward_flops(job.teacher.model, job.dataset)
+    assert plan_job(job)["flops"] == 4 * 3 * student * 50_000 * 240 + 4 * teacher * 50_000 * 240
+    assert plan_job(resolve_job([*base, "method=sla_sd"], tmp_path))["flops"] == 4 * 3 * student * 50_000 * 240
+    assert plan_job(resolve_job([*base, "method=cs_kd"], tmp_path))["flops"] == (3 + 1) * student * 50_000 * 240
+
+
 def test_cached_teacher_excluded_classes_and_teacher_recipe():
     job = resolve_job(["experiment=hinton_mnist_no3", "seed=1"])
     plan = plan_job(job)

@@ -90,6 +90,7 @@ class CSKD(Method):
     code = "alinlab/cs-kd"
 
     needs_teacher = False
+    student_passes = 3.0 + 1.0  # the anchors' forward + backward, the partners' forward (no backward)
 
     def __init__(self, cfg, pair):
         super().__init__(cfg, pair)

@@ -82,6 +82,7 @@ class SLASD(Method):
     code = "hankook/SLA"
     student_taps = ("embedding",)
     needs_teacher = False
+    student_passes = 4 * 3.0  # forward + backward on the 4 rotations of every image
 
     def __init__(self, cfg, pair):
         super().__init__(cfg, pair)

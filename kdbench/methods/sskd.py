@@ -182,6 +182,7 @@ class SSKD(Method):
     student_taps = ("embedding",)
     teacher_taps = ("embedding",)
     teacher_cache = False  # the teacher sees the four rotations of each batch, live
+    student_passes, teacher_passes = 4 * 3.0, 4 * 1.0  # both networks see the 4 rotations of every image
 
     def __init__(self, cfg, pair):
         super().__init__(cfg, pair)
