@@ -16,11 +16,14 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/kdbench
 
+# The tests run torch on one thread each (tests/conftest.py), so one pytest worker per core (pytest-xdist).
+WORKERS ?= auto
+
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(WORKERS)
 
 test-slow: $(STAMP)
-	$(PY) -m pytest -q -m slow
+	$(PY) -m pytest -q -m slow -n $(WORKERS)
 
 clean:
 	rm -rf $(VENV) outputs multirun runs
