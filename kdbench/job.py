@@ -608,7 +608,8 @@ class Trainee:
                 save_torch(self.out_dir / ANCHORS_DIR / f"epoch{entry['epoch']}.pt",
                            {"model": student.state_dict(), "epoch": entry["epoch"]})
             self._save({"epoch": entry["epoch"], "stages_done": self.stages_done, "student": student.state_dict(),
-                        "method": method.state_dict(), **policy.state_dict(), "history": history, "class_errors": ev.class_errors, "config_hash": job.key})
+                        "method": method.state_dict(), **policy.state_dict(), "history": history,
+                        "class_errors": ev.class_errors, "config_hash": job.key})
             # record_fields again: facts a method measures while it trains (weights it chose, draws) reach the record
             record.update(history=history, last_class_errors=ev.class_errors, **summary(history),
                           **method.record_fields())
