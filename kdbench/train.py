@@ -206,10 +206,25 @@ def end_epoch(run: Run, tally: Tally) -> dict[str, float]:
     return means
 
 
+def drawn_under_autocast(batches, device: torch.device, precision: str):
+    """Each batch drawn under the run's autocast: a method that makes its batches with a network of its own (a
+    data-free generator) runs it at the run's precision, as the step runs its networks. A loader's batches have no
+    operation autocast changes (it casts matmuls and convolutions), and fp32 is no autocast at all."""
+    batches = iter(batches)
+    while True:
+        with autocast(device, precision):
+            batch = next(batches, None)
+        if batch is None:
+            return
+        yield batch
+
+
 def train_epoch(run: Run, epoch: int) -> dict[str, float]:
     """One pass over the training data; returns the sample-weighted mean of every loss term."""
     tally = begin_epoch(run, epoch)
-    for batch in run.stepper.batches(run.loader, epoch_seed(run.seed, epoch)):
+    device = next(run.student.parameters()).device
+    for batch in drawn_under_autocast(run.stepper.batches(run.loader, epoch_seed(run.seed, epoch)), device,
+                                      run.precision):
         train_batch(run, tally, batch)
     return end_epoch(run, tally)
 

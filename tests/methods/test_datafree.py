@@ -211,6 +211,25 @@ def test_a_data_free_run_never_reads_the_training_split_and_records_its_networks
     assert saved["n_test"] == 32  # evaluated on the real test split
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_the_generator_that_makes_a_batch_runs_at_the_runs_precision(precision, run_job, resnet8_checkpoint,
+                                                                    monkeypatch):
+    """DAFL makes its batches (G(z)) in batches(), outside the step: trainer.precision=bf16 must reach the generator
+    too (it is most of a DAFL step's FLOPs), and fp32 must leave it in fp32."""
+    from kdbench.methods.datafree import ConvGenerator
+
+    seen, forward = [], ConvGenerator.forward
+
+    def spy(self, z):
+        seen.append(torch.is_autocast_enabled("cpu"))
+        return forward(self, z)
+
+    monkeypatch.setattr(ConvGenerator, "forward", spy)
+    record = run_job(*TINY_SYNTHETIC, "teacher=resnet8", "student=resnet8", "method=dafl",
+                     f"teacher.checkpoint={resnet8_checkpoint}", *TINY["dafl"], f"trainer.precision={precision}")
+    assert record["status"] == "completed" and seen and set(seen) == {precision == "bf16"}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("student", ["resnet8x4", "wrn_16_2"])  # the benchmark pair, and across architectures
 @pytest.mark.parametrize("name", DATA_FREE)
