@@ -38,7 +38,7 @@ from kdbench.io import config_hash, load_torch, save_torch, sha256_file, write_j
 from kdbench.loggers import create_logger
 from kdbench.models import TapModel, count_parameters, create_model, load_reference_checkpoint, probe_taps
 from kdbench.optim import build_step, constant_sgd_step, lr_at
-from kdbench.record import RECORD_FILE, RunRecord, read_record
+from kdbench.record import RECORD_FILE, RunRecord, read_record, signals_deferred
 from kdbench import viewcache
 from kdbench.teachers import (ANCHORS_DIR, StoreEntry, TeacherOutputs, TeacherStore, cache_bytes, cache_is_exact,
                               outputs_are_pure)
@@ -321,11 +321,12 @@ def train_job(job: Job, out_dir: Path) -> tuple[dict, TapModel]:
         student = _train(job, out_dir, record, logger, w)
         record.complete()
     except BaseException as err:
-        if not w.main and not isinstance(err, KeyboardInterrupt):
-            write_json(out_dir / f"failed_rank{w.rank}.json", {"rank_error": f"rank {w.rank}: {type(err).__name__}: "
-                                                                             f"{err}",
-                                                               "traceback": "".join(format_exception(err))[-4000:]})
-        record.fail(err)
+        with signals_deferred():  # torchrun's SIGTERM to the other ranks must not cut these writes short
+            if not w.main and not isinstance(err, KeyboardInterrupt):
+                write_json(out_dir / f"failed_rank{w.rank}.json",
+                           {"rank_error": f"rank {w.rank}: {type(err).__name__}: {err}",
+                            "traceback": "".join(format_exception(err))[-4000:]})
+            record.fail(err)
         raise
     finally:
         if logger is not None:

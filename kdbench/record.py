@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 import os
+import contextlib
 import platform
+import signal
 import socket
 import sys
 import time
@@ -134,6 +136,10 @@ class RunRecord:
             self.path = self.final
 
     def fail(self, err: BaseException) -> None:
+        with signals_deferred():  # a SIGTERM now (torchrun stopping the other ranks) must not cut the record short
+            self._fail(err)
+
+    def _fail(self, err: BaseException) -> None:
         status = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
         ranks = sorted(self.final.parent.glob("failed_rank*.json")) if self.writes else []
         if ranks:  # another rank of this distributed job failed first: its error is the job's
@@ -147,6 +153,32 @@ class RunRecord:
             pass
         self.update(status=status, error=f"{type(err).__name__}: {err}",
                     traceback="".join(traceback.format_exception(err))[-4000:], finished_at=_now())
+
+
+@contextlib.contextmanager
+def signals_deferred():
+    """SIGTERM and SIGINT held back while the block runs, then raised again (their handlers run) when it ends:
+    writing a failure must finish even when the signal that stops the process arrives meanwhile (torchrun sends
+    SIGTERM to the surviving ranks as soon as one fails, while rank 0 is recording that failure). Done with Python
+    handlers, not a thread's signal mask: the kernel may hand a process signal to any thread (gloo's, OpenMP's), and
+    Python runs its handler in the main thread whatever that thread's mask. Only the main thread can set handlers;
+    elsewhere this does nothing."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list[int] = []
+    # a handler installed outside Python reads as None and could not be put back: such a signal is left alone
+    held = [s for s in (signal.SIGTERM, signal.SIGINT) if signal.getsignal(s) is not None]
+    previous = {s: signal.signal(s, lambda signum, frame: pending.append(signum)) for s in held}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if pending:
+            signal.raise_signal(pending[0])
 
 
 def record_failure(out_dir: Path, err: BaseException, *, labels: dict | None = None, seed=None, overrides=()) -> None:

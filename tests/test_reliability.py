@@ -288,3 +288,34 @@ def test_a_teacher_checkpoint_of_another_architecture_names_the_file_and_the_mod
     assert out.returncode == 1
     (rec,) = _records(tmp_path / "multirun")
     assert str(ckpt) in rec["error"] and "'mlp_800x2'" in rec["error"] and "teacher=<model>" in rec["error"]
+
+
+def test_a_sigterm_while_a_failure_is_recorded_waits_until_the_record_is_written(tmp_path):
+    """torchrun sends SIGTERM to the surviving ranks the moment one fails; rank 0 may be writing that failure then.
+    The signal is held until the record is written, then its handler runs."""
+    import os
+    import signal
+
+    from kdbench.record import RunRecord
+
+    class Stop(Exception):
+        pass
+
+    def stop(signum, frame):
+        raise Stop
+
+    record = RunRecord.start(tmp_path, config={}, config_hash="h", labels={}, seed=1, overrides=[])
+    real_update, previous = record.update, signal.signal(signal.SIGTERM, stop)
+
+    def update_interrupted_by_sigterm(**fields):
+        os.kill(os.getpid(), signal.SIGTERM)  # arrives in the middle of recording the failure
+        real_update(**fields)
+
+    record.update = update_interrupted_by_sigterm
+    try:
+        with pytest.raises(Stop):  # delivered once the record is written
+            record.fail(RuntimeError("connection closed by peer"))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    written = json.loads(record.path.read_text())
+    assert written["status"] == "failed" and "connection closed by peer" in written["error"]
