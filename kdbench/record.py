@@ -8,13 +8,14 @@ completes too.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-import contextlib
 import platform
 import signal
 import socket
 import sys
+import threading
 import time
 import traceback
 from datetime import datetime, timezone
@@ -163,8 +164,6 @@ def signals_deferred():
     handlers, not a thread's signal mask: the kernel may hand a process signal to any thread (gloo's, OpenMP's), and
     Python runs its handler in the main thread whatever that thread's mask. Only the main thread can set handlers;
     elsewhere this does nothing."""
-    import threading
-
     if threading.current_thread() is not threading.main_thread():
         yield
         return
